@@ -1,0 +1,127 @@
+"""The paper's settings, shared by every stage config in `configs/`.
+
+`configs/<stage>.py` files are one-line wrappers around `get_config(stage, arg)`,
+so the experiments driver can build the same configs programmatically.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+FIVE_CLASSES = ("normal", "periglomerular_fibrosis", "obsolescent", "solidified", "disappearing")
+BINARY_CLASSES = ("non_sclerotic", "global_sclerosis")
+# Global sclerosis = obsolescent + solidified + disappearing (ids 2, 3, 4).
+SCLEROTIC = ("obsolescent", "solidified", "disappearing")
+
+# Which global class ids each stage of the hierarchy trains on (paper, Fig. 2).
+STAGE_CLASSES = {
+    "c5": (0, 1, 2, 3, 4),
+    "nc2": (0, 1),
+    "c3": (2, 3, 4),
+    "c2": (3, 4),
+    "binary": (0, 1),
+}
+CHILD_STAGES = ("nc2", "c3", "c2")
+METHODS = ("baseline", "mixup", "cutmix", "circlemix")
+# ImageNet statistics in the 0-1 pixel scale.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
+    """Builds the config of one stage.
+
+    Args:
+      stage: one of `STAGE_CLASSES`.
+      arg: comma-separated words, each 'smoke' (a tiny run for tests) or a
+        method name from `METHODS` ('baseline' means no mixing). Example:
+        'smoke,circlemix'.
+
+    Returns:
+      An unlocked-for-reading, locked-for-new-fields ConfigDict.
+    """
+    if stage not in STAGE_CLASSES:
+        raise ValueError(f"unknown stage {stage!r}; choose from {sorted(STAGE_CLASSES)}")
+    words = [w for w in arg.split(",") if w]
+    bad = [w for w in words if w != "smoke" and w not in METHODS]
+    if bad:
+        raise ValueError(f"config arg {bad[0]!r} is neither 'smoke' nor a method {METHODS}")
+    methods = [w for w in words if w in METHODS]
+
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    # The label space: stage ids index into class_names; the binary task has its own.
+    c.class_names = BINARY_CLASSES if stage == "binary" else FIVE_CLASSES
+    c.classes = STAGE_CLASSES[stage]
+    # Child stages start from the best checkpoint of this parent workdir ('' = derived).
+    c.parent_workdir = ""
+    c.seed = 0
+    c.fold = 0
+    c.num_folds = 5
+    c.val_fraction = 0.25
+
+    c.data = ml_collections.ConfigDict()
+    c.data.manifest = ""  # '' = the built-in synthetic set.
+    # Maps manifest label names onto class_names (used by the binary task).
+    c.data.label_map = {name: "global_sclerosis" for name in SCLEROTIC} | {
+        "normal": "non_sclerotic", "periglomerular_fibrosis": "non_sclerotic"} if stage == "binary" else {}
+    c.data.image_size = 256
+    c.data.synthetic_count = 460  # images in the built-in set (paper's class proportions).
+    c.data.mean = IMAGENET_MEAN
+    c.data.std = IMAGENET_STD
+    c.data.workers = 4
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.basic = True  # h/v flips at 50% and a random crop of 0..max_crop px (paper 4.3).
+    c.augment.max_crop = 16
+
+    c.mix = ml_collections.ConfigDict()
+    c.mix.method = "none" if not methods or methods[0] == "baseline" else methods[0]
+    c.mix.alpha = 1.0
+    c.mix.sampler = "paper"  # 'paper' (sorted uniform pair) or 'beta' (wrap-around, unbiased).
+    c.mix.granularity = "batch"  # the authors mix one mask per batch.
+    c.mix.prob = 1.0
+    c.mix.lam_mode = "pixels"
+    c.mix.label_smoothing = 0.0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.padding = "symmetric"
+    c.model.bn_eps = 1e-5
+    c.model.bn_momentum = 0.9
+    c.model.dropout_rate = 0.2
+    c.model.drop_path_rate = 0.2
+    c.model.dtype = "float32"
+    c.model.init_from = ""  # a directory written by `python -m circlemix_jax.convert`.
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 0.01
+    c.optim.momentum = 0.9
+    c.optim.decay_at = 0.5  # lr /10 at half of the epochs (paper 4.2).
+    c.optim.decay_factor = 0.1
+
+    c.batch_size = 16  # global, split across devices.
+    c.eval_batch_size = 64
+    c.num_epochs = 8
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 0  # 0 = only at epoch ends (and on SIGTERM).
+
+    if "smoke" in words:
+        c.data.image_size = 32
+        c.data.synthetic_count = 150
+        c.data.workers = 2
+        c.batch_size = 8
+        c.eval_batch_size = 32
+        c.num_epochs = 2
+        c.log_every_steps = 2
+    c.lock()
+    return c
+
+
+def method_name(config: ml_collections.ConfigDict) -> str:
+    """The method's name for paths and tables: 'baseline' when nothing is mixed."""
+    return "baseline" if config.mix.method == "none" else config.mix.method
+
+
+def default_workdir(config: ml_collections.ConfigDict) -> str:
+    """runs/<stage>/<method>/fold<k>: rerunning the same command resumes the same run."""
+    return f"runs/{config.stage}/{method_name(config)}/fold{config.fold}"

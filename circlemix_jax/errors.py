@@ -1,0 +1,32 @@
+"""User-facing errors: bad input ends in one line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+EXIT_USAGE = 2
+
+
+class InputError(Exception):
+    """A problem with what the user gave us (file, row, field), not a bug.
+
+    The message must name the culprit: a path, a manifest row or a config field.
+    """
+
+
+def exits_cleanly(fn: F) -> F:
+    """Decorates a CLI entry: `InputError` becomes `error: ...` on stderr and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper  # type: ignore[return-value]

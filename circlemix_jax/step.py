@@ -1,0 +1,170 @@
+"""The train state, and the data-parallel train and eval steps.
+
+Each step is a per-device program (`jax.shard_map` over a 1-D mesh with axis
+'data', wrapped in `jax.jit`): pmap's model with the current API. Gradients and
+BatchNorm statistics are averaged over the axis, so 1 and N devices compute the
+same update for the same global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from circlemix_jax import augment
+from circlemix_jax.models import EfficientNetB0
+
+AXIS = "data"
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training: one pytree, donated to each step.
+
+    The PRNG stream is not stored: step keys are `fold_in(root, step)`, so the
+    step counter restores the randomness exactly.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def make_model(config, axis_name: str | None = AXIS) -> EfficientNetB0:
+    """The configured EfficientNet-B0 for this stage's classes."""
+    return EfficientNetB0(
+        num_classes=len(config.classes), padding=config.model.padding, bn_eps=config.model.bn_eps,
+        bn_momentum=config.model.bn_momentum, dropout_rate=config.model.dropout_rate,
+        drop_path_rate=config.model.drop_path_rate, dtype=jnp.dtype(config.model.dtype),
+        axis_name=axis_name)
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD with momentum; lr divided by 10 at `decay_at` of the epochs (paper 4.2)."""
+    boundary = max(1, int(config.optim.decay_at * config.num_epochs * steps_per_epoch))
+    schedule = optax.piecewise_constant_schedule(config.optim.lr, {boundary: config.optim.decay_factor})
+    return optax.sgd(schedule, momentum=config.optim.momentum)
+
+
+def learning_rate(config, steps_per_epoch: int, step: int) -> float:
+    """The lr at `step`, for logging (mirrors `make_optimizer`)."""
+    boundary = max(1, int(config.optim.decay_at * config.num_epochs * steps_per_epoch))
+    return config.optim.lr * (config.optim.decay_factor if step >= boundary else 1.0)
+
+
+def init_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
+    """A fresh train state from model variables."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]))
+
+
+def prepare_images(config, rng: jax.Array, images: jax.Array, labels: jax.Array):
+    """Basic augmentation, normalisation and mixing of one device's uint8 batch.
+
+    Returns:
+      (normalised float images, soft labels (B, K), lambda (B,)).
+    """
+    aug_rng, mix_rng = jax.random.split(rng)
+    x = images.astype(jnp.float32) / 255.0
+    if config.augment.basic:
+        x = augment.basic_augment(aug_rng, x, max_crop=config.augment.max_crop)
+    x = (x - jnp.asarray(config.data.mean)) / jnp.asarray(config.data.std)
+    return augment.mix(mix_rng, x, labels, num_classes=len(config.classes), **config.mix.to_dict())
+
+
+def _l2(tree) -> jax.Array:
+    return optax.global_norm(tree)
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config, model: EfficientNetB0,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """One SGD step on one device's shard; call through `parallel_train_step`.
+
+    A non-finite loss or gradient leaves the state unchanged and raises the
+    `nonfinite` metric, so the last good state is what gets checkpointed.
+    """
+    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
+    data_rng, dropout_rng = jax.random.split(rng)
+    images, soft_labels, lam = prepare_images(config, data_rng, batch["image"], batch["label"])
+
+    def loss_fn(params):
+        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                      train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy(logits, soft_labels).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # Equal shard sizes, so the mean of per-device means is the global mean.
+    grads, loss = lax.pmean((grads, loss), AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = _l2(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    accuracy = lax.pmean(jnp.mean(jnp.argmax(logits, -1) == batch["label"]), AXIS)
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,
+               "param_norm": _l2(params), "update_norm": _l2(updates),
+               "lambda": lax.pmean(jnp.mean(lam), AXIS), "nonfinite": ~finite}
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, images: jax.Array, *, config, model: EfficientNetB0) -> jax.Array:
+    """Logits of one device's shard with running BatchNorm statistics."""
+    x = images.astype(jnp.float32) / 255.0
+    x = (x - jnp.asarray(config.data.mean)) / jnp.asarray(config.data.std)
+    return model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D 'data' mesh over all (or the first `num_devices`) devices."""
+    devices = jax.devices() if num_devices is None else jax.devices()[:num_devices]
+    return Mesh(devices, (AXIS,))
+
+
+def parallel_train_step(config, model, tx, mesh: Mesh) -> Callable:
+    """jit(shard_map(train_step)): state and key replicated, batch split on 'data'.
+
+    The state argument is donated: callers must use the returned state.
+    """
+    fn = functools.partial(train_step, config=config, model=model, tx=tx)
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()))
+    return jax.jit(mapped, donate_argnums=0)
+
+
+def parallel_eval_step(config, model, mesh: Mesh) -> Callable:
+    """jit(shard_map(eval_step)): returns logits sharded like the images."""
+    fn = functools.partial(eval_step, config=config, model=model)
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
+
+
+def parallel_prepare(config, mesh: Mesh) -> Callable:
+    """The train step's augmentation alone, for logging a mixed batch as an image."""
+
+    def fn(images, labels, rng):
+        rng = jax.random.fold_in(jax.random.fold_in(rng, 0), lax.axis_index(AXIS))
+        x, soft, lam = prepare_images(config, jax.random.split(rng)[0], images, labels)
+        x = x * jnp.asarray(config.data.std) + jnp.asarray(config.data.mean)
+        return jnp.clip(x, 0, 1), soft, lam
+
+    spec = P(AXIS)
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, P()), out_specs=(spec, spec, spec)))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Host-local numpy batch -> global arrays split over 'data' (works multi-host)."""
+    sharding = NamedSharding(mesh, P(AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def replicate(tree, mesh: Mesh):
+    """Places a pytree on every device of the mesh."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
