@@ -1,7 +1,10 @@
 """Shared pytest setup: several fake CPU devices, so data-parallel code is exercised."""
 import os
+import subprocess
+import sys
 
 import jax
+import pytest
 
 # Must happen before any JAX computation; four devices let tests compare 1- and 4-way steps.
 jax.config.update("jax_num_cpu_devices", 4)
@@ -11,3 +14,30 @@ SHARED_DATA = os.environ.get(
     "CIRCLEMIX_SHARED_DATA",
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glomeruli-bueno"),
 )
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def synthetic_manifest(tmp_path_factory) -> str:
+    """A small built-in-style set (150 images, 23 subjects), generated once per session."""
+    from circlemix_jax import synthetic
+
+    return synthetic.generate(str(tmp_path_factory.mktemp("synth") / "set"), 150, seed=0)
+
+
+@pytest.fixture(scope="session")
+def shared_manifest() -> str:
+    """The public glomeruli manifest from ../shared, or skip when it is absent."""
+    path = os.path.join(SHARED_DATA, "manifest.csv")
+    if not os.path.exists(path):
+        pytest.skip(f"shared data not found at {SHARED_DATA} (set CIRCLEMIX_SHARED_DATA)")
+    return path
+
+
+def run_cli(*args: str, cwd: str = REPO, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs `python -m <args>` as a user would, capturing output."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env.setdefault("CIRCLEMIX_CACHE", os.path.join(REPO, ".pytest_cache", "circlemix"))
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)

@@ -1,0 +1,36 @@
+"""Metrics against sklearn's independent implementations."""
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
+
+from circlemix_jax.metrics import classification_metrics
+
+
+def test_against_sklearn_random():
+    rng = np.random.default_rng(0)
+    names = ["a", "b", "c", "d", "e"]
+    for _ in range(20):
+        y = rng.integers(0, 5, 200)
+        p = np.where(rng.random(200) < 0.6, y, rng.integers(0, 5, 200))
+        m = classification_metrics(y, p, names)
+        assert np.isclose(m["balanced_accuracy"], balanced_accuracy_score(y, p))
+        assert np.isclose(m["balanced_f1"], f1_score(y, p, average="macro"))
+        assert m["confusion_matrix"] == confusion_matrix(y, p).tolist()
+
+
+def test_known_values():
+    y = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    p = np.array([0, 0, 0, 1, 1, 1, 2, 0])
+    m = classification_metrics(y, p, ["x", "y", "z"])
+    # recalls 3/4, 1, 1/2 -> mean 0.75
+    assert np.isclose(m["balanced_accuracy"], 0.75)
+    assert m["per_class"]["z"] == {"recall": 0.5, "precision": 1.0, "f1": 2 / 3, "support": 2}
+    assert m["confusion_matrix"] == [[3, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+
+def test_absent_class_is_left_out_of_balanced_accuracy():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0, 2, 1, 1])
+    m = classification_metrics(y, p, ["x", "y", "z"])
+    assert np.isclose(m["balanced_accuracy"], balanced_accuracy_score(y, p))
+    assert np.isclose(m["balanced_f1"], f1_score(y, p, labels=[0, 1, 2], average="macro", zero_division=0))

@@ -1,0 +1,42 @@
+"""EfficientNet-B0 structure."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from circlemix_jax.models import EfficientNetB0, conv_padding, count_params
+
+
+@pytest.mark.parametrize("padding", ["symmetric", "same"])
+def test_parameter_count_matches_reference_b0(padding):
+    model = EfficientNetB0(num_classes=1000, padding=padding)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))
+    assert count_params(variables["params"]) == 5_288_548
+    assert len([k for k in variables["params"] if k.startswith("blocks_")]) == 16
+
+
+def test_output_shape_and_train_mode():
+    model = EfficientNetB0(num_classes=5)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    logits = model.apply(variables, x, train=False)
+    assert logits.shape == (2, 5) and logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+    out, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+    assert out.shape == (2, 5)
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updates["batch_stats"])
+    assert all(jax.tree_util.tree_leaves(changed))  # every BatchNorm updated its statistics
+
+
+@pytest.mark.parametrize("size, k, s", [(224, 3, 2), (225, 3, 2), (256, 5, 2), (15, 5, 1), (7, 3, 2)])
+def test_same_padding_matches_lax_same(size, k, s):
+    # lax's 'SAME' is TF's rule; our explicit pads must reproduce it exactly.
+    lo, hi = conv_padding(size, k, s, "same")
+    expected = jax.lax.padtype_to_pads((size,), (k,), (s,), "SAME")[0]
+    assert (lo, hi) == tuple(expected)
+    assert conv_padding(size, k, s, "symmetric") == ((k - 1) // 2, (k - 1) // 2)
+
+
+def test_bad_padding_is_refused():
+    with pytest.raises(ValueError, match="padding"):
+        EfficientNetB0(num_classes=2, padding="valid").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
