@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+import warnings
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
@@ -154,10 +155,12 @@ def make_split(records: Records, fold: int, num_folds: int = 5, val_fraction: fl
     if n_subjects < num_folds:
         raise InputError(f"{records.source}: {n_subjects} subjects cannot make {num_folds} subject-level folds")
     outer = StratifiedGroupKFold(n_splits=num_folds, shuffle=True, random_state=seed)
-    rest, test = list(outer.split(records.paths, records.raw_labels, records.subjects))[fold]
-    inner_splits = max(2, round(1 / val_fraction))
-    inner = StratifiedGroupKFold(n_splits=inner_splits, shuffle=True, random_state=seed + 1)
-    tr, va = next(inner.split(rest, records.raw_labels[rest], records.subjects[rest]))
+    inner = StratifiedGroupKFold(n_splits=max(2, round(1 / val_fraction)), shuffle=True, random_state=seed + 1)
+    with warnings.catch_warnings():
+        # Rare classes in few subjects cannot be stratified exactly; "as far as subjects allow" is the goal.
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        rest, test = list(outer.split(records.paths, records.raw_labels, records.subjects))[fold]
+        tr, va = next(inner.split(rest, records.raw_labels[rest], records.subjects[rest]))
     return Split(train=np.sort(rest[tr]), val=np.sort(rest[va]), test=np.sort(test))
 
 
