@@ -81,7 +81,7 @@ def prepare_images(config, rng: jax.Array, images: jax.Array, labels: jax.Array)
 
 
 def _l2(tree) -> jax.Array:
-    return optax.global_norm(tree)
+    return optax.tree.norm(tree)
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config, model: EfficientNetB0,
@@ -98,12 +98,14 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config, model:
     def loss_fn(params):
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
                                       train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy(logits, soft_labels).mean()
+        # The global-batch loss (equal shards: mean of per-device means). Averaging here
+        # with pmean, not on the gradients afterwards: params are device-invariant under
+        # shard_map, so autodiff already sums their cotangents over the axis, and the
+        # gradient of this pmean is exactly the global-mean gradient.
+        loss = lax.pmean(optax.softmax_cross_entropy(logits, soft_labels).mean(), AXIS)
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    # Equal shard sizes, so the mean of per-device means is the global mean.
-    grads, loss = lax.pmean((grads, loss), AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = _l2(grads)
