@@ -167,9 +167,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             _log_mixed_batch(config, mesh, train_x, train_y, root_rng, writer)
         state, progress = _run_epochs(config, state, progress, train_fn, eval_fn, mesh, ckpts, writer, root_rng,
                                       (train_x, train_y, val_x, val_y), spe, total_steps, stop)
-    except Preempted:
-        ckpts.wait()
-        log(f"SIGTERM: saved a checkpoint at step {int(state.step)} in {workdir}; rerun the same command to resume")
+    except Preempted as e:
+        ckpts.wait()  # `state` was donated to the step: the saved step travels in the exception
+        log(f"SIGTERM: saved a checkpoint at step {e.args[0]} in {workdir}; rerun the same command to resume")
         raise SystemExit(0) from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
@@ -219,7 +219,7 @@ def _run_epochs(config, state, progress, train_fn, eval_fn, mesh, ckpts, writer,
                 _flush_metrics(config, pending, step_now, spe, writer, 0.0)
                 ckpts.save(checkpoint.LATEST, step_now, state, progress)
                 if stop["sigterm"]:
-                    raise Preempted
+                    raise Preempted(step_now)
         train_img_s = seen / max(time.time() - t0, 1e-9)
         logits = evaluate(eval_fn, state, val_x, val_y, config.eval_batch_size, mesh)
         val = classification_metrics(val_y, logits.argmax(-1), _names(config))
