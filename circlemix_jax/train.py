@@ -110,6 +110,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     Raises:
       InputError: bad data or config (the CLI turns it into one line and exit 2).
     """
+    if config.model.init_from:
+        from circlemix_jax import convert  # noqa: PLC0415 - optional weight readers
+
+        convert.override_config(config, log=log)  # padding, eps and mean/std must match the weights
     _validate(config)
     workdir = os.path.abspath(workdir)
     config_json = config.to_json_best_effort(indent=1, sort_keys=True)

@@ -2,12 +2,11 @@
 
 import csv
 import os
-import shutil
 
 import pytest
 from conftest import run_cli
 
-from circlemix_jax import data
+from circlemix_jax import data, defaults
 from circlemix_jax.defaults import FIVE_CLASSES
 
 
@@ -100,8 +99,12 @@ def test_class_missing_from_training_split(tmp_path, synthetic_manifest, workdir
 
 
 def test_workdir_with_different_config(synthetic_manifest, workdir):
-    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "configs", "c5.py"), os.path.join(workdir, "c5.py"))
+    config = defaults.get_config("binary", "smoke")
+    with config.unlocked():
+        config.data.manifest = synthetic_manifest
+        config.seed = 123
+    stored = config.to_json_best_effort(indent=1, sort_keys=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write('{"seed": 123, "stage": "binary"}')
-    _check(_train(synthetic_manifest, workdir), "different config", "seed", "delete")
-    assert open(os.path.join(workdir, "config.json")).read() == '{"seed": 123, "stage": "binary"}'
+        f.write(stored)
+    _check(_train(synthetic_manifest, workdir), "different config", "seed: 123 -> 0", "delete")
+    assert open(os.path.join(workdir, "config.json")).read() == stored
