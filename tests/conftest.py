@@ -10,12 +10,17 @@ import pytest
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_default_matmul_precision", "highest")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Compiling B0 dominates test time; identical programs (across tests and the CLI
+# subprocesses, which use CIRCLEMIX_CACHE/xla) are compiled once.
+CACHE = os.path.join(REPO, ".pytest_cache", "circlemix")
+jax.config.update("jax_compilation_cache_dir", os.path.join(CACHE, "xla"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
 SHARED_DATA = os.environ.get(
     "CIRCLEMIX_SHARED_DATA",
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glomeruli-bueno"),
 )
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +43,6 @@ def shared_manifest() -> str:
 def run_cli(*args: str, cwd: str = REPO, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs `python -m <args>` as a user would, capturing output."""
     full_env = dict(os.environ, **(env or {}))
-    full_env.setdefault("CIRCLEMIX_CACHE", os.path.join(REPO, ".pytest_cache", "circlemix"))
+    full_env.setdefault("CIRCLEMIX_CACHE", CACHE)
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)

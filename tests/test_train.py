@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import CACHE, REPO, run_cli
 
 CMD = ("circlemix_jax.main", "--config=configs/c5.py:smoke")
 
@@ -63,7 +63,7 @@ def test_finished_run_reruns_fast(finished_run):
 
 def test_exact_resume_after_sigkill(finished_run, tmp_path):
     workdir = str(tmp_path / "killed")
-    env = dict(os.environ, CIRCLEMIX_CACHE=os.path.join(REPO, ".pytest_cache", "circlemix"))
+    env = dict(os.environ, CIRCLEMIX_CACHE=CACHE)
     proc = subprocess.Popen([sys.executable, "-m", *CMD, f"--workdir={workdir}"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = os.path.join(workdir, "checkpoints", "latest")
