@@ -175,6 +175,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpts.wait()  # `state` was donated to the step: the saved step travels in the exception
         log(f"SIGTERM: saved a checkpoint at step {e.args[0]} in {workdir}; rerun the same command to resume")
         raise SystemExit(0) from None
+    except FloatingPointError:
+        ckpts.wait()  # the last good checkpoint may still be writing in the background
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         writer.close()
