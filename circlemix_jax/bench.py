@@ -1,0 +1,269 @@
+"""Throughput benchmark: the real train/eval steps, the host pipeline, and peers.
+
+Each mode prints ONE JSON line on stdout (progress goes to stderr):
+
+    # train/eval img/s of step.parallel_train_step / parallel_eval_step
+    python -m circlemix_jax.bench --batch 16 --res 256 --steps 5 --mix circlemix --dtype float32
+    # host pipeline: decode_all (the cache fill) and train_batches iteration
+    python -m circlemix_jax.bench --pipeline --manifest ../shared/data/glomeruli-bueno/manifest.csv --res 256
+    # project and peer alternated A B A B in fresh processes; medians and ratios
+    python -m circlemix_jax.bench --batch 16 --res 128 --steps 5 --peer /tmp/peers/torch/bin/python --rounds 3
+
+The model step is exactly the one training runs (config 'c5' with overrides),
+on a fixed random uint8 batch, timed like the peers: two untimed calls, then
+`steps` timed calls, img/s = batch * steps / seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_PEER_SCRIPT = os.path.join(REPO, "..", "shared", "bench", "peers", "torch_efficientnet_b0.py")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
+def load_average() -> list[float]:
+    """1/5/15-minute load averages: the machine is shared, so every figure carries one."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _timed(fn, steps: int, warmup: int = 2) -> float:
+    """Seconds for `steps` calls of `fn` after `warmup` untimed ones; fn must block."""
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return time.perf_counter() - start
+
+
+def bench_config(batch: int, res: int, mix: str, dtype: str):
+    """The 'c5' training config with the benchmark's batch, size, mixing and dtype."""
+    from circlemix_jax import defaults
+
+    config = defaults.get_config("c5", "" if mix == "none" else mix)
+    with config.unlocked():
+        config.batch_size = batch
+        config.eval_batch_size = batch
+        config.data.image_size = res
+        config.model.dtype = dtype
+    return config
+
+
+def bench_model(batch: int, res: int, steps: int, mix: str, dtype: str) -> dict:
+    """img/s of the train and eval steps, compile time and the augmentation share.
+
+    The augmentation share compares the jitted `prepare_images` (flips, crop,
+    normalisation and mixing) and `augment.mix` alone against the full train
+    step on the same batch; inside the step XLA may fuse them differently, so
+    the shares are upper-bound estimates rather than an exact split.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+    from jax.sharding import PartitionSpec as P
+
+    from circlemix_jax import augment, step
+
+    config = bench_config(batch, res, mix, dtype)
+    mesh = step.make_mesh()
+    if batch % mesh.size:
+        raise SystemExit(f"--batch {batch} must be divisible by the {mesh.size} devices")
+    model = step.make_model(config)
+    tx = step.make_optimizer(config, steps_per_epoch=1000)
+    t0 = time.perf_counter()
+    dummy = jnp.zeros((1, res, res, 3), jnp.float32)
+    variables = jax.jit(lambda k: model.init(k, dummy, train=False))(jax.random.key(0))
+    state = step.replicate(step.init_state(variables, tx), mesh)
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t0
+
+    rng = np.random.default_rng(0)
+    host = {"image": rng.integers(0, 256, (batch, res, res, 3), dtype=np.uint8),
+            "label": rng.integers(0, len(config.classes), (batch,), dtype=np.int32)}
+    data = step.shard_batch(host, mesh)
+    key = jax.random.key(1)
+
+    # Compile explicitly so compile time is not mixed into the first step's time.
+    t0 = time.perf_counter()
+    train = step.parallel_train_step(config, model, tx, mesh).lower(state, data, key).compile()
+    compile_train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluate = step.parallel_eval_step(config, model, mesh).lower(state, data["image"]).compile()
+    compile_eval_s = time.perf_counter() - t0
+
+    holder = {"state": state}  # the train step donates its state: keep the returned one
+
+    def train_once():
+        holder["state"], metrics = train(holder["state"], data, key)
+        jax.block_until_ready(metrics["loss"])
+
+    train_s = _timed(train_once, steps)
+    eval_s = _timed(lambda: jax.block_until_ready(evaluate(holder["state"], data["image"])), steps)
+
+    def sharded(fn, n_out):
+        mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(step.AXIS), P(step.AXIS), P()),
+                               out_specs=(P(step.AXIS),) * n_out)
+        return jax.jit(mapped)
+
+    def prep(images, labels, k):
+        return step.prepare_images(config, jax.random.fold_in(k, lax.axis_index(step.AXIS)), images, labels)
+
+    def mix_only(images, labels, k):
+        return augment.mix(k, images, labels, num_classes=len(config.classes), **config.mix.to_dict())
+
+    prep_fn = sharded(prep, 3)
+    mix_fn = sharded(mix_only, 3)
+    floats = step.shard_batch({"x": host["image"].astype(np.float32) / 255.0}, mesh)["x"]
+    prep_s = _timed(lambda: jax.block_until_ready(prep_fn(data["image"], data["label"], key)), steps)
+    mix_s = _timed(lambda: jax.block_until_ready(mix_fn(floats, data["label"], key)), steps)
+    return {
+        "mode": "model", "train_img_s": round(batch * steps / train_s, 3),
+        "eval_img_s": round(batch * steps / eval_s, 3),
+        "compile_s": round(compile_train_s + compile_eval_s, 2),
+        "compile_train_s": round(compile_train_s, 2), "compile_eval_s": round(compile_eval_s, 2),
+        "init_s": round(init_s, 2), "peak_rss_mib": peak_rss_mib(),
+        "step_ms": round(1000 * train_s / steps, 1),
+        "augment_ms": round(1000 * prep_s / steps, 2), "mix_ms": round(1000 * mix_s / steps, 2),
+        "augment_share": round(prep_s / train_s, 4), "mix_share": round(mix_s / train_s, 4),
+        "mix": mix, "dtype": dtype, "batch": batch, "res": res, "steps": steps,
+        "devices": mesh.size, "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+    }
+
+
+def bench_pipeline(manifest: str, res: int, batch: int, workers: int, max_images: int, epochs: int) -> dict:
+    """img/s of filling the decoded cache and of iterating `train_batches` over it."""
+    from circlemix_jax import data, defaults, pipeline
+    from circlemix_jax.errors import InputError
+
+    try:
+        records = data.read_manifest(manifest, defaults.FIVE_CLASSES)
+    except InputError:  # a binary-labelled manifest (e.g. glomeruli-bueno)
+        records = data.read_manifest(manifest, defaults.BINARY_CLASSES)
+    paths, labels = records.paths, records.labels
+    if max_images:
+        paths, labels = paths[:max_images], labels[:max_images]
+    t0 = time.perf_counter()
+    images = pipeline.decode_all(list(paths), res, workers)
+    decode_s = time.perf_counter() - t0
+    n, t0 = 0, time.perf_counter()
+    for epoch in range(epochs):
+        for b in pipeline.train_batches(images, labels, batch, seed=0, epoch=epoch, workers=workers):
+            n += len(b["label"])
+    iter_s = time.perf_counter() - t0
+    return {"mode": "pipeline", "decode_img_s": round(len(paths) / decode_s, 1),
+            "batches_img_s": round(n / iter_s, 1), "images": len(paths), "iterated": n,
+            "workers": workers, "batch": batch, "res": res, "cache_mib": round(images.nbytes / 2**20, 1),
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def _run_json(cmd: list[str]) -> dict:
+    """Runs a benchmark process and parses the last JSON line it prints."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def bench_against_peer(args) -> dict:
+    """Alternates project and peer runs (A B A B ...) and compares their medians.
+
+    Each run is a fresh process, so neither inherits the other's caches or
+    thread pools, and slow drifts in the shared machine's load hit both sides.
+    """
+    ours_cmd = [sys.executable, "-m", "circlemix_jax.bench", "--batch", str(args.batch), "--res", str(args.res),
+                "--steps", str(args.steps), "--mix", args.mix, "--dtype", args.dtype]
+    peer_cmd = [args.peer, args.peer_script, "--batch", str(args.batch), "--res", str(args.res),
+                "--steps", str(args.steps)] + ([] if args.no_channels_last else ["--channels-last"])
+    ours, peer, loads = [], [], []
+    for r in range(args.rounds):
+        for name, cmd, out in (("project", ours_cmd, ours), ("peer", peer_cmd, peer)):
+            loads.append(load_average()[:1])
+            result = _run_json(cmd)
+            out.append(result)
+            _log(f"round {r + 1}/{args.rounds} {name}: train {result['train_img_s']} img/s, "
+                 f"eval {result['eval_img_s']} img/s (load {loads[-1]})")
+
+    def med(runs, field):
+        return round(statistics.median(run[field] for run in runs), 3)
+
+    summary = {"mode": "versus_peer", "batch": args.batch, "res": args.res, "steps": args.steps,
+               "mix": args.mix, "dtype": args.dtype, "rounds": args.rounds, "peer": peer[0].get("peer"),
+               "peer_cmd": " ".join(peer_cmd)}
+    for field in ("train_img_s", "eval_img_s"):
+        summary[f"project_{field}"] = med(ours, field)
+        summary[f"peer_{field}"] = med(peer, field)
+        summary[f"{field.split('_')[0]}_ratio"] = round(med(ours, field) / med(peer, field), 3)
+    summary["project_train_runs"] = [r["train_img_s"] for r in ours]
+    summary["peer_train_runs"] = [r["train_img_s"] for r in peer]
+    summary["project_eval_runs"] = [r["eval_img_s"] for r in ours]
+    summary["peer_eval_runs"] = [r["eval_img_s"] for r in peer]
+    summary["project_compile_s"] = med(ours, "compile_s")
+    summary["project_peak_rss_mib"] = med(ours, "peak_rss_mib")
+    summary["load_1min_before_runs"] = [v for load in loads for v in load]
+    return summary
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m circlemix_jax.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=16, help="global batch size")
+    p.add_argument("--res", type=int, default=256, help="image side in pixels")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 untimed ones)")
+    p.add_argument("--mix", default="circlemix", choices=("none", "mixup", "cutmix", "circlemix"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--pipeline", action="store_true", help="benchmark the host input pipeline instead")
+    p.add_argument("--manifest", default="", help="manifest CSV for --pipeline")
+    p.add_argument("--workers", type=int, default=0, help="pipeline threads (0: the training default)")
+    p.add_argument("--max-images", type=int, default=0, help="decode at most this many (0: all)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the cache for --pipeline")
+    p.add_argument("--peer", default="", help="python of the peer's venv: alternate project and peer runs")
+    p.add_argument("--peer-script", default=DEFAULT_PEER_SCRIPT, help="peer benchmark script")
+    p.add_argument("--no-channels-last", action="store_true", help="run the peer without --channels-last")
+    p.add_argument("--rounds", type=int, default=3, help="A B rounds with --peer")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.peer:
+        result = bench_against_peer(args)
+    elif args.pipeline:
+        if not args.manifest:
+            raise SystemExit("--pipeline needs --manifest PATH")
+        from circlemix_jax import pipeline
+
+        workers = args.workers or pipeline.default_workers()
+        result = bench_pipeline(args.manifest, args.res, args.batch, workers, args.max_images, args.epochs)
+    else:
+        result = bench_model(args.batch, args.res, args.steps, args.mix, args.dtype)
+    import jax
+
+    result.update({"jax": jax.__version__, "python": platform.python_version(), "nproc": os.cpu_count(),
+                   "load_avg": load_average()})
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
