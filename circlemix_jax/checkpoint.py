@@ -21,8 +21,10 @@ from circlemix_jax.errors import InputError
 LATEST, BEST = "latest", "best"
 
 
-def _manager(directory: str) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+def _manager(directory: str, kind: str) -> ocp.CheckpointManager:
+    # Both managers save the same step at an epoch end: their multi-process barriers need their own names.
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, multiprocessing_options=(
+        ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=kind)))
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "progress"))
 
 
@@ -32,7 +34,7 @@ class RunCheckpoints:
     def __init__(self, workdir: str):
         root = os.path.join(os.path.abspath(workdir), "checkpoints")
         try:
-            self._managers = {LATEST: _manager(os.path.join(root, LATEST)), BEST: _manager(os.path.join(root, BEST))}
+            self._managers = {k: _manager(os.path.join(root, k), k) for k in (LATEST, BEST)}
         except OSError as e:
             raise InputError(f"cannot write checkpoints under {root}: {e.strerror or e}") from None
 
