@@ -1,0 +1,43 @@
+"""The benchmark CLI runs end to end at a tiny size and prints one valid JSON line.
+
+No timing assertions: speed lives in the benchmark itself (BENCHMARKS.md).
+"""
+
+import json
+
+from conftest import run_cli
+
+# Only the JSON is checked, so let XLA skip LLVM's optimisations: halves the compile time.
+FAST_COMPILE = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
+
+MODEL_FIELDS = {"train_img_s", "eval_img_s", "compile_s", "peak_rss_mib", "augment_share", "mix_share",
+                "device", "jax", "batch", "res", "load_avg"}
+
+
+def _one_json_line(proc) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stdout
+    return json.loads(lines[0])
+
+
+def test_bench_model_prints_json_with_the_fields():
+    out = _one_json_line(run_cli("circlemix_jax.bench", "--res", "32", "--batch", "4", "--steps", "1",
+                                 "--mix", "circlemix", timeout=600, env=FAST_COMPILE))
+    assert MODEL_FIELDS <= set(out), sorted(MODEL_FIELDS - set(out))
+    assert out["batch"] == 4 and out["res"] == 32 and out["mix"] == "circlemix"
+    assert out["train_img_s"] > 0 and out["eval_img_s"] > 0 and out["compile_s"] > 0
+    assert out["peak_rss_mib"] > 0 and 0 <= out["mix_share"] and 0 <= out["augment_share"]
+
+
+def test_bench_pipeline_prints_json(synthetic_manifest):
+    out = _one_json_line(run_cli("circlemix_jax.bench", "--pipeline", "--manifest", synthetic_manifest,
+                                 "--res", "32", "--batch", "8", "--max-images", "40", "--epochs", "1",
+                                 timeout=120))
+    assert out["mode"] == "pipeline" and out["images"] == 40 and out["iterated"] == 40
+    assert out["decode_img_s"] > 0 and out["batches_img_s"] > 0
+
+
+def test_bench_pipeline_needs_a_manifest():
+    proc = run_cli("circlemix_jax.bench", "--pipeline", timeout=60)
+    assert proc.returncode != 0 and "--manifest" in proc.stderr
