@@ -224,7 +224,8 @@ def bench_against_peer(args) -> dict:
     summary["peer_train_runs"] = [r["train_img_s"] for r in peer]
     summary["project_eval_runs"] = [r["eval_img_s"] for r in ours]
     summary["peer_eval_runs"] = [r["eval_img_s"] for r in peer]
-    summary["project_compile_s"] = med(ours, "compile_s")
+    for field in ("compile_s", "augment_share", "mix_share", "step_ms"):
+        summary[f"project_{field}"] = med(ours, field)
     summary["project_peak_rss_mib"] = med(ours, "peak_rss_mib")
     summary["load_1min_before_runs"] = [v for load in loads for v in load]
     return summary
