@@ -97,6 +97,13 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Paddin
     if resolve_impl(impl) == "xla":
         return lax.conv_general_dilated(x, kernel[:, :, None, :], (stride, stride), pads,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+    # Under shard_map the kernel (a replicated parameter) is device-invariant while x
+    # varies, and a custom_vjp must return cotangents of its inputs' exact types. So
+    # the kernel is cast to vary like x first; autodiff of that cast psums the
+    # per-device kernel gradients, as for any other parameter.
+    missing = tuple(_varying_axes(x) - _varying_axes(kernel))
+    if missing:
+        kernel = lax.pcast(kernel, missing, to="varying")
     return _shift_conv(x, kernel, stride, pads)
 
 
@@ -213,6 +220,13 @@ def _grad_kernel(x, dy, kh, kw, s, pads):
         terms.append(taps.astype(jnp.float32) * g.astype(jnp.float32)[:, :, :, None, :])
     part = lax.rev(_sum(terms, None, None), (1, 2))  # rev: keeps the loop out of the YNNPACK reduction
     return jnp.sum(part, axis=(0, 1, 2)).reshape(kh, kw, c)
+
+
+def _varying_axes(a: jax.Array) -> frozenset:
+    """Mesh axes over which `a` differs between devices (empty outside shard_map)."""
+    aval = jax.typeof(a)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
