@@ -66,7 +66,7 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     c.data.label_map = {name: "global_sclerosis" for name in SCLEROTIC} | {
         "normal": "non_sclerotic", "periglomerular_fibrosis": "non_sclerotic"} if stage == "binary" else {}
     c.data.image_size = 256
-    c.data.synthetic_count = 460  # images in the built-in set (paper's class proportions).
+    c.data.synthetic_count = 360  # images in the built-in set (paper's class proportions).
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
     c.data.workers = 4
