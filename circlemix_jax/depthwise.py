@@ -5,9 +5,10 @@ forward+backward than adding up the k×k shifted taps (DESIGN.md, measured
 facts). `depthwise_conv` therefore picks a formulation per backend:
 
 - ``'shift'``: shift-and-add with a hand-written backward pass (`jax.custom_vjp`,
-  so reverse mode only: `jax.jvp` through it raises). Plain autodiff of shift-and-add is itself slow on CPU: each kernel-gradient
-  reduction becomes a YNNPACK fusion that cannot read a slice, so XLA writes
-  every shifted tap of the input to memory first (one full-size array per tap).
+  so reverse mode only: `jax.jvp` through it raises). Plain autodiff of
+  shift-and-add is itself slow on CPU: each kernel-gradient reduction becomes a
+  YNNPACK fusion that cannot read a slice, so XLA writes every shifted tap of the
+  input to memory first (one full-size array per tap).
 - ``'xla'``: ``lax.conv_general_dilated(feature_group_count=C)``. Chosen on
   GPU/TPU, where cuDNN and the TPU compiler have dedicated depthwise kernels; we
   could not time those here, so set ``CIRCLEMIX_DEPTHWISE=shift`` to compare.
@@ -25,6 +26,12 @@ Implementation notes for 'shift' (all measured on XLA:CPU, jax 0.10):
   loop that sums R rows. Each input row is then read once for all taps. A
   `lax.rev` stops YNNPACK from pulling that loop into its reduction, which would
   write every gathered tap out again.
+- When y's only consumer is a reduction (a scalar test loss such as
+  ``sum(y * g)``), YNNPACK pulls the forward into that reduction and writes out
+  every tap. In the model, BatchNorm reads y several times, so this does not
+  happen there. We tried blocking it with a no-op `lax.reduce_precision` or
+  `lax.rev` at the root. XLA then copied the forward into every BatchNorm
+  consumer, which was 2-9x slower, so there is no blocker.
 """
 
 from __future__ import annotations
