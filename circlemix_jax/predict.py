@@ -1,0 +1,206 @@
+"""Predict new glomerulus patches and report the share of globally sclerotic glomeruli per subject.
+
+    python -m circlemix_jax.predict --workdir runs/c5/circlemix/fold0 \\
+        [--child runs/nc2/circlemix/fold0 ...] (--manifest M.csv | --images DIR) --out preds.csv
+
+Writes `preds.csv` (one row per image: class probabilities, the predicted class
+id and name, merged through the children when given) and `preds_subjects.csv`
+next to it (one row per subject: number of glomeruli, % globally sclerotic,
+count per class). Globally sclerotic means obsolescent + solidified +
+disappearing for a five-class model, global_sclerosis for a binary one.
+
+A manifest needs a `path` column; `subject` and `label` are optional (a label
+is copied to the output for checking). Without a manifest every image under
+DIR is read and its subject is the name of its folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+
+import numpy as np
+
+from circlemix_jax import defaults, experiments, hierarchy
+from circlemix_jax.errors import InputError, exits_cleanly
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def read_inputs(manifest: str | None, images: str | None) -> tuple[list[str], list[str], list[str] | None]:
+    """(absolute paths, subjects, labels or None) from a manifest or a folder.
+
+    Raises:
+      InputError: neither or both given, a missing file or column, or no images.
+    """
+    if bool(manifest) == bool(images):
+        raise InputError("give exactly one of --manifest or --images")
+    if images:
+        if not os.path.isdir(images):
+            raise InputError(f"--images folder not found: {images}")
+        paths = sorted(os.path.join(root, f) for root, _, files in os.walk(images) for f in files
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not paths:
+            raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {images}")
+        paths = [os.path.abspath(p) for p in paths]
+        return paths, [os.path.basename(os.path.dirname(p)) for p in paths], None
+    if not os.path.isfile(manifest):
+        raise InputError(f"manifest not found: {manifest}")
+    with open(manifest, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if "path" not in (reader.fieldnames or []):
+            raise InputError(f"{manifest}: missing column 'path'; the header is {reader.fieldnames}")
+        rows = [r for r in reader if (r.get("path") or "").strip()]
+    if not rows:
+        raise InputError(f"{manifest}: the manifest has no rows")
+    root = os.path.dirname(os.path.abspath(manifest))
+    paths = [os.path.normpath(os.path.join(root, r["path"].strip())) for r in rows]
+    subjects = [(r.get("subject") or "").strip() or os.path.basename(os.path.dirname(p)) for r, p in zip(rows, paths)]
+    labels = [(r.get("label") or "").strip() for r in rows] if "label" in rows[0] else None
+    return paths, subjects, labels
+
+
+def predict_probs(workdir: str, paths: list[str], decoded: dict, workers: int = 4) -> tuple[object, np.ndarray]:
+    """(the run's config, softmax probabilities (N, K) over its classes) from its best checkpoint.
+
+    `decoded` caches the decoded images by size, so models sharing a size decode once.
+    """
+    import jax  # noqa: PLC0415
+
+    from circlemix_jax import pipeline, step as steplib, train  # noqa: PLC0415
+
+    config = hierarchy.load_run_config(workdir)
+    state = hierarchy.restore_best(os.path.abspath(workdir), config)
+    mesh = steplib.make_mesh()
+    state = steplib.replicate(state, mesh)
+    eval_fn = steplib.parallel_eval_step(config, steplib.make_model(config), mesh)
+    size = config.data.image_size
+    if size not in decoded:
+        decoded[size] = pipeline.decode_all(paths, size, workers, f"decoding at {size}px")
+    images = decoded[size]
+    batch = config.eval_batch_size - config.eval_batch_size % jax.device_count() or jax.device_count()
+    logits = train.evaluate(eval_fn, state, images, np.zeros(len(paths), np.int32), batch, mesh)
+    return config, np.asarray(jax.nn.softmax(logits, axis=-1))
+
+
+def sclerotic_ids(class_names) -> list[int]:
+    """Global ids that count as global sclerosis."""
+    return [i for i, n in enumerate(class_names) if n in defaults.SCLEROTIC or n == "global_sclerosis"]
+
+
+def predict(workdir: str, children: list[str], paths: list[str], workers: int = 4) -> dict:
+    """Per-image predictions of a model, merged through its children in the given order.
+
+    Returns:
+      {class_names, classes (the parent's global ids), pred (global ids),
+      probs (N, K parent), children: [(stage, child classes, probs)]}.
+
+    Raises:
+      InputError: a child with another label space, or classes the parent lacks.
+    """
+    decoded = {}
+    config, probs = predict_probs(workdir, paths, decoded, workers)
+    classes = np.asarray(config.classes)
+    pred = classes[probs.argmax(-1)]
+    out = {"class_names": list(config.class_names), "classes": classes, "probs": probs, "children": []}
+    for child in children:
+        child_config = hierarchy.load_run_config(child)
+        if list(child_config.class_names) != list(config.class_names):
+            raise InputError(f"--child {child} classifies {list(child_config.class_names)}, "
+                             f"the model in --workdir {list(config.class_names)}")
+        if not set(child_config.classes) <= set(config.classes):
+            raise InputError(f"--child {child} has classes {list(child_config.classes)} that --workdir lacks")
+        _, child_probs = predict_probs(child, paths, decoded, workers)
+        child_classes = np.asarray(child_config.classes)
+        pred = hierarchy.merge_predictions(pred, child_classes[child_probs.argmax(-1)], child_classes)
+        out["children"].append((child_config.stage, child_classes, child_probs))
+    out["pred"] = pred
+    return out
+
+
+def write_outputs(out_path: str, paths, subjects, labels, result: dict) -> tuple[str, str]:
+    """Writes the per-image CSV and the per-subject summary next to it; returns both paths."""
+    names = result["class_names"]
+    header = ["path", "subject"] + (["label"] if labels is not None else []) + ["pred", "pred_name"]
+    header += [f"p_{names[c]}" for c in result["classes"]]
+    for stage, child_classes, _ in result["children"]:
+        header += [f"{stage}_p_{names[c]}" for c in child_classes]
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for i, (p, s) in enumerate(zip(paths, subjects)):
+                row = [p, s] + ([labels[i]] if labels is not None else []) + [int(result["pred"][i]),
+                                                                              names[result["pred"][i]]]
+                row += [f"{v:.6f}" for v in result["probs"][i]]
+                for _, _, child_probs in result["children"]:
+                    row += [f"{v:.6f}" for v in child_probs[i]]
+                w.writerow(row)
+        subjects_path = os.path.splitext(out_path)[0] + "_subjects.csv"
+        summary = subject_summary(subjects, result["pred"], names)
+        with open(subjects_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(summary[0]))
+            w.writeheader()
+            w.writerows(summary)
+    except OSError as e:
+        raise InputError(f"cannot write --out {out_path}: {e.strerror or e}") from None
+    return out_path, subjects_path
+
+
+def subject_summary(subjects, pred: np.ndarray, class_names) -> list[dict]:
+    """Per subject: glomeruli, globally sclerotic count and %, and a count per class."""
+    subjects, pred = np.asarray(subjects), np.asarray(pred)
+    sclerotic = sclerotic_ids(class_names)
+    rows = []
+    for s in sorted(set(subjects.tolist())):
+        p = pred[subjects == s]
+        n_scl = int(np.isin(p, sclerotic).sum())
+        row = {"subject": s, "glomeruli": len(p), "globally_sclerotic": n_scl,
+               "pct_globally_sclerotic": f"{100 * n_scl / len(p):.1f}"}
+        row.update({f"n_{name}": int((p == i).sum()) for i, name in enumerate(class_names)})
+        rows.append(row)
+    return rows
+
+
+def run() -> None:
+    """CLI entry; flags are defined here so importing this module defines none."""
+    from absl import app, flags, logging  # noqa: PLC0415
+
+    workdir = flags.DEFINE_string("workdir", None, "Finished run whose best checkpoint predicts (e.g. a C5 run).")
+    children = flags.DEFINE_multi_string("child", [], "Finished child run(s) that re-decide their classes, in order.")
+    manifest = flags.DEFINE_string("manifest", None, "CSV with a path column (subject, label optional).")
+    images = flags.DEFINE_string("images", None, "Folder of images; the subject is each image's folder name.")
+    out = flags.DEFINE_string("out", None, "Per-image CSV; the per-subject summary goes to <out>_subjects.csv.")
+    workers = flags.DEFINE_integer("workers", 4, "Decoding threads.")
+    flags.mark_flags_as_required(["workdir", "out"])
+
+    @exits_cleanly
+    def main(argv) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        logging.set_verbosity(logging.WARNING)
+        paths, subjects, labels = read_inputs(manifest.value, images.value)
+        experiments.configure_compilation_cache()
+        for d in [workdir.value, *children.value]:
+            hierarchy.require_best_checkpoint(os.path.abspath(d), finished=False)
+        result = predict(workdir.value, children.value, paths, workers.value)
+        per_image, per_subject = write_outputs(out.value, paths, subjects, labels, result)
+        for row in subject_summary(subjects, result["pred"], result["class_names"]):
+            print(f"{row['subject']}: {row['glomeruli']} glomeruli, {row['pct_globally_sclerotic']}% globally "
+                  "sclerotic", flush=True)
+        print(f"wrote {per_image} and {per_subject}", flush=True)
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except (flags.Error, ValueError) as e:
+            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(main, flags_parser=parse)
+
+
+if __name__ == "__main__":
+    run()

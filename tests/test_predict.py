@@ -1,0 +1,112 @@
+"""The predict command on real patches from the shared set, with the mini protocol's models; summary helpers."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from test_experiments import mini_protocol
+
+from circlemix_jax import predict
+from circlemix_jax.errors import InputError
+
+FIVE = ("normal", "periglomerular_fibrosis", "obsolescent", "solidified", "disappearing")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The mini protocol's runs (trained once per session, shared with test_experiments)."""
+    return mini_protocol(tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="module")
+def few_images(shared_manifest):
+    """Six patches of the shared set: three from each of two subjects."""
+    with open(shared_manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    subjects = sorted({r["subject"] for r in rows})[:2]
+    root = os.path.dirname(shared_manifest)
+    return [(os.path.join(root, r["path"]), r["subject"], r["label"])
+            for s in subjects for r in [r for r in rows if r["subject"] == s][:3]]
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_folder_merged_through_a_child(models, few_images, tmp_path):
+    folder = tmp_path / "slides"
+    for path, subject, _ in few_images:  # folder name = subject
+        (folder / subject).mkdir(parents=True, exist_ok=True)
+        os.symlink(path, folder / subject / os.path.basename(path))
+    out = tmp_path / "out" / "preds.csv"
+    result = run_cli("circlemix_jax.predict", f"--workdir={models}/c5/baseline/fold0",
+                     f"--child={models}/nc2/baseline/fold0", f"--images={folder}", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _read(out)
+    assert len(rows) == 6
+    expected = {f"p_{n}" for n in FIVE} | {"nc2_p_normal", "nc2_p_periglomerular_fibrosis", "pred", "pred_name"}
+    assert expected <= set(rows[0])
+    for r in rows:
+        p5 = np.array([float(r[f"p_{n}"]) for n in FIVE])
+        assert p5.sum() == pytest.approx(1, abs=1e-4)
+        parent_pred = int(p5.argmax())
+        if parent_pred in (0, 1):  # the child re-decides normal vs fibrosis
+            child = [float(r["nc2_p_normal"]), float(r["nc2_p_periglomerular_fibrosis"])]
+            assert int(r["pred"]) == int(np.argmax(child))
+        else:
+            assert int(r["pred"]) == parent_pred
+        assert r["pred_name"] == FIVE[int(r["pred"])]
+    summary = _read(tmp_path / "out" / "preds_subjects.csv")
+    assert sorted(s["subject"] for s in summary) == sorted({s for _, s, _ in few_images})
+    for s in summary:
+        mine = [r for r in rows if r["subject"] == s["subject"]]
+        assert int(s["glomeruli"]) == len(mine) == sum(int(s[f"n_{n}"]) for n in FIVE)
+        sclerotic = sum(r["pred_name"] in FIVE[2:] for r in mine)
+        assert float(s["pct_globally_sclerotic"]) == pytest.approx(100 * sclerotic / len(mine), abs=0.05)
+    assert "% globally sclerotic" in result.stdout
+
+
+def test_predict_manifest_without_children(models, few_images, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,subject,label\n" + "".join(f"{p},{s},{y}\n" for p, s, y in few_images))
+    out = tmp_path / "b.csv"
+    result = run_cli("circlemix_jax.predict", f"--workdir={models}/c5/baseline/fold0", f"--manifest={manifest}",
+                     f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _read(out)
+    assert [r["path"] for r in rows] == [os.path.normpath(p) for p, _, _ in few_images]
+    assert [r["label"] for r in rows] == [y for _, _, y in few_images]  # copied through for checking
+    for r in rows:
+        probs = [float(r[f"p_{n}"]) for n in FIVE]
+        assert int(r["pred"]) == int(np.argmax(probs)) and not any(k.startswith("nc2_") for k in r)
+    summary = _read(tmp_path / "b_subjects.csv")
+    for s in summary:
+        mine = [r for r in rows if r["subject"] == s["subject"]]
+        assert int(s["globally_sclerotic"]) == sum(r["pred_name"] in FIVE[2:] for r in mine)
+
+
+def test_predict_bad_input_is_one_line(models, tmp_path):
+    result = run_cli("circlemix_jax.predict", f"--workdir={tmp_path / 'nothing'}", f"--images={tmp_path}",
+                     f"--out={tmp_path / 'x.csv'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no images" in result.stderr or "does not exist" in result.stderr
+
+
+def test_subject_summary_counts_global_sclerosis():
+    rows = predict.subject_summary(["a", "a", "b", "a"], np.array([2, 0, 4, 3]), FIVE)
+    a, b = rows
+    assert (a["subject"], a["glomeruli"], a["globally_sclerotic"], a["pct_globally_sclerotic"]) == ("a", 3, 2, "66.7")
+    assert a["n_obsolescent"] == 1 and a["n_solidified"] == 1 and a["n_normal"] == 1
+    assert (b["glomeruli"], b["pct_globally_sclerotic"]) == (1, "100.0")
+    assert predict.sclerotic_ids(("non_sclerotic", "global_sclerosis")) == [1]
+
+
+def test_read_inputs_needs_exactly_one_source(tmp_path):
+    with pytest.raises(InputError, match="exactly one"):
+        predict.read_inputs(None, None)
+    (tmp_path / "m.csv").write_text("file,subject\nx.png,s\n")
+    with pytest.raises(InputError, match="missing column 'path'"):
+        predict.read_inputs(str(tmp_path / "m.csv"), None)
