@@ -90,10 +90,10 @@ def check_config(workdir: str, config_json: str, ignore: tuple[str, ...]) -> Non
         return
     with open(path) as f:
         try:
-            old = _flatten(json.load(f))
+            old = flatten_dict(json.load(f))
         except json.JSONDecodeError:
             raise InputError(f"{path} is not valid JSON; move it away to start a fresh run") from None
-    new = _flatten(json.loads(config_json))
+    new = flatten_dict(json.loads(config_json))
     diff = sorted(k for k in set(old) | set(new)
                   if old.get(k) != new.get(k) and not any(k == i or k.startswith(i + ".") for i in ignore))
     if diff:
@@ -102,11 +102,12 @@ def check_config(workdir: str, config_json: str, ignore: tuple[str, ...]) -> Non
                          "use another --workdir, or delete that folder to start fresh")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten_dict(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: config fields by dotted name (empty dicts kept as leaves)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_dict(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

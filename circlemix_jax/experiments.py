@@ -71,7 +71,7 @@ def validate(paper) -> None:
     if bad or not paper.folds:
         raise InputError(f"config field folds={tuple(paper.folds)} must lie in 0..{paper.base.num_folds - 1} "
                          "(base.num_folds)")
-    flat = _flatten(paper.base.to_dict())
+    flat = checkpoint.flatten_dict(paper.base.to_dict())
     clash = [k for k in PER_RUN_FIELDS if k in flat or any(f.startswith(k + ".") for f in flat)]
     if clash:
         raise InputError(f"config field base.{clash[0]} is set by each run and cannot be shared")
@@ -80,7 +80,7 @@ def validate(paper) -> None:
 def stage_config(paper, stage: str, method: str, fold: int, root: str) -> ml_collections.ConfigDict:
     """The config of one run: the stage's defaults, then `paper.base`, then the run's own fields."""
     config = defaults.get_config(stage, method)
-    config.update_from_flattened_dict(_flatten(paper.base.to_dict()))
+    config.update_from_flattened_dict(checkpoint.flatten_dict(paper.base.to_dict()))
     config.fold = fold
     if stage in defaults.CHILD_STAGES:
         config.parent_workdir = run_dir(root, "c5", method, fold)
@@ -217,16 +217,6 @@ def configure_compilation_cache() -> None:
 
         jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def run() -> None:
