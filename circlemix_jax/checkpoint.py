@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from circlemix_jax.errors import InputError
 
@@ -32,7 +35,8 @@ class RunCheckpoints:
     """The `latest` and `best` checkpoints under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str):
-        root = os.path.join(os.path.abspath(workdir), "checkpoints")
+        root = os.path.join(absolute(workdir), "checkpoints")
+        self._root = root
         try:
             self._managers = {k: _manager(os.path.join(root, k), k) for k in (LATEST, BEST)}
         except OSError as e:
@@ -43,13 +47,20 @@ class RunCheckpoints:
         return self._managers[kind].latest_step()
 
     def save(self, kind: str, step: int, state: Any, progress: dict) -> None:
-        """Saves asynchronously; Orbax writes to a temporary folder and renames, so it is atomic."""
+        """Saves asynchronously; Orbax writes to a temporary folder and renames, so it is atomic.
+
+        Raises:
+          InputError: the disk has no room for it, or the write failed for lack of space or rights.
+        """
+        self._check_space(kind, step, state)
         try:
             self._managers[kind].save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
-        except OSError as e:
-            raise InputError(f"could not save the {kind} checkpoint at step {step}: {e.strerror or e} "
-                             "(is the disk full or the workdir read-only?)") from None
+        except (OSError, ValueError) as e:
+            if (err := _storage_error(e, f"could not save the {kind} checkpoint at step {step}")) is None:
+                raise
+            self._drain()
+            raise err from None
 
     def restore(self, kind: str, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores (state, progress) of `kind` onto the shardings in `abstract_state`."""
@@ -61,12 +72,60 @@ class RunCheckpoints:
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""
+        try:
+            for m in self._managers.values():
+                m.wait_until_finished()
+        except (OSError, ValueError) as e:
+            if (err := _storage_error(e, "could not finish saving a checkpoint")) is None:
+                raise
+            self._drain()
+            raise err from None
+
+    def _check_space(self, kind: str, step: int, state: Any) -> None:
+        """Refuses a save that cannot fit on a local disk, before Orbax's writer threads fail noisily.
+
+        The previous checkpoint is only deleted after the new one is complete, so
+        the new one needs its full size free. Remote workdirs (gs://) are not checked.
+        """
+        if "://" in self._root or not os.path.isdir(self._root):
+            return
+        need = sum(x.nbytes for x in jax.tree_util.tree_leaves(state)) * 1.05 + (1 << 20)  # + metadata
+        free = shutil.disk_usage(self._root).free
+        if free < need:
+            raise InputError(f"could not save the {kind} checkpoint at step {step}: {self._root} has "
+                             f"{free / 2**20:.1f} MiB free, a checkpoint needs {need / 2**20:.1f} MiB "
+                             "(No space left on device)")
+
+    def _drain(self) -> None:
+        """Lets failed background saves finish, so their logs come before our one-line error."""
         for m in self._managers.values():
-            m.wait_until_finished()
+            try:
+                m.close()
+            except Exception:  # noqa: BLE001 - the error being reported is the first one
+                pass
 
     def close(self) -> None:
         for m in self._managers.values():
             m.close()
+
+
+def _storage_error(e: Exception, what: str) -> InputError | None:
+    """A full disk or read-only workdir as one line; None for any other error (re-raised as is).
+
+    Orbax reports tensorstore write failures as ValueError("RESOURCE_EXHAUSTED: ...
+    No space left on device [os_error_code='28']"), not as OSError.
+    """
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None and (m := re.search(r"os_error_code='(\d+)'", str(e))):
+        code = int(m.group(1))
+    if code is None:
+        return None
+    return InputError(f"{what}: {os.strerror(code)} (is the disk full or the workdir read-only?)")
+
+
+def absolute(workdir: str) -> str:
+    """An absolute local path, or a URL such as gs://bucket/run unchanged (Orbax and TensorBoard write there)."""
+    return workdir if "://" in workdir else os.path.abspath(workdir)
 
 
 def abstract_like(tree: Any) -> Any:
@@ -76,7 +135,7 @@ def abstract_like(tree: Any) -> Any:
 
 def best_state_path(workdir: str) -> str:
     """The folder of a run's best checkpoint (what children and predict load)."""
-    return os.path.join(os.path.abspath(workdir), "checkpoints", BEST)
+    return os.path.join(absolute(workdir), "checkpoints", BEST)
 
 
 def check_config(workdir: str, config_json: str, ignore: tuple[str, ...]) -> None:
@@ -86,13 +145,12 @@ def check_config(workdir: str, config_json: str, ignore: tuple[str, ...]) -> Non
       InputError: listing the differing fields and how to start fresh.
     """
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         return
-    with open(path) as f:
-        try:
-            old = flatten_dict(json.load(f))
-        except json.JSONDecodeError:
-            raise InputError(f"{path} is not valid JSON; move it away to start a fresh run") from None
+    try:
+        old = flatten_dict(json.loads(epath.Path(path).read_text()))
+    except json.JSONDecodeError:
+        raise InputError(f"{path} is not valid JSON; move it away to start a fresh run") from None
     new = flatten_dict(json.loads(config_json))
     diff = sorted(k for k in set(old) | set(new)
                   if old.get(k) != new.get(k) and not any(k == i or k.startswith(i + ".") for i in ignore))

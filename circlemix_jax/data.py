@@ -14,6 +14,7 @@ import os
 import warnings
 
 import numpy as np
+from etils import epath
 from sklearn.model_selection import StratifiedGroupKFold
 
 from circlemix_jax import synthetic
@@ -200,5 +201,4 @@ def write_split(path: str, records: Records, split: Split) -> None:
     out = {name: {"subjects": sorted(set(records.subjects[getattr(split, name)].tolist())),
                   "paths": records.paths[getattr(split, name)].tolist()}
            for name in ("train", "val", "test")}
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
+    epath.Path(path).write_text(json.dumps(out, indent=1))  # also gs://

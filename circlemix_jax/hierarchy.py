@@ -12,6 +12,7 @@ Everything here works on global class ids, the ids into `config.class_names`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from typing import Callable
@@ -19,6 +20,7 @@ from typing import Callable
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from circlemix_jax import checkpoint, defaults
 from circlemix_jax.errors import InputError
@@ -36,12 +38,11 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     Raises:
       InputError: no such run, or an unreadable config.json.
     """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = epath.Path(workdir) / "config.json"
+    if not path.is_file():
         raise InputError(f"{workdir} holds no run (no config.json); train it first with circlemix_jax.main")
     try:
-        with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f))
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not valid JSON ({e})") from None
 
@@ -52,12 +53,12 @@ def require_best_checkpoint(workdir: str, finished: bool = True) -> None:
     Raises:
       InputError: naming the workdir and what is missing.
     """
-    if not os.path.isdir(workdir):
+    if not epath.Path(workdir).is_dir():
         raise InputError(f"run folder {workdir} does not exist; train that stage first")
-    if finished and not os.path.isfile(os.path.join(workdir, "metrics.json")):
+    if finished and not (epath.Path(workdir) / "metrics.json").is_file():
         raise InputError(f"run {workdir} is unfinished (no metrics.json); rerun its training command to finish it")
-    best = checkpoint.best_state_path(workdir)
-    if not os.path.isdir(best) or not any(d.isdigit() for d in os.listdir(best)):
+    best = epath.Path(checkpoint.best_state_path(workdir))
+    if not best.is_dir() or not any(d.name.isdigit() for d in best.iterdir()):
         raise InputError(f"run {workdir} has no best checkpoint under {best}")
 
 
@@ -91,10 +92,10 @@ def parent_workdir(config) -> str:
     Relative paths resolve against the current directory, like `--workdir`.
     """
     if config.parent_workdir:
-        return os.path.abspath(config.parent_workdir)
+        return checkpoint.absolute(config.parent_workdir)
     parent = ml_collections.ConfigDict(config.to_dict())
     parent.stage = "c5"  # default_workdir then reads the same method and fold
-    return os.path.abspath(defaults.default_workdir(parent))
+    return checkpoint.absolute(defaults.default_workdir(parent))
 
 
 def _check_compatible(config, parent_config, where: str) -> None:
@@ -179,8 +180,7 @@ def init_from_parent(config, variables: dict, log: Callable[[str], None] = print
     params = dict(parent.params)
     params[HEAD] = child_classifier(parent.params[HEAD], parent_config.classes, config.classes,
                                     jax.device_get(variables["params"][HEAD]), mode)
-    with open(os.path.join(where, "metrics.json")) as f:
-        parent_metrics = json.load(f)
+    parent_metrics = json.loads((epath.Path(where) / "metrics.json").read_text())
     head = f"the parent's rows for classes {list(config.classes)}" if mode == "parent" else "freshly initialised"
     log(f"PARENT: loaded the best checkpoint of {where} (step {int(parent.step)}, epoch "
         f"{parent_metrics.get('best_epoch', -1) + 1}, its test balanced_accuracy "
@@ -226,10 +226,9 @@ def read_predictions(path: str) -> dict[str, np.ndarray]:
     Raises:
       InputError: missing file or columns.
     """
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise InputError(f"{path} not found; the run has not finished its test evaluation")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(epath.Path(path).read_text(), newline="")))
     if not rows or not {"path", "label", "pred"} <= set(rows[0]):
         raise InputError(f"{path}: expected columns path,subject,label,pred,p_<class>...")
     prob_cols = [c for c in rows[0] if c.startswith("p_")]

@@ -8,6 +8,7 @@ accuracy, and evaluates that best checkpoint once on the test fold.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from circlemix_jax import augment, checkpoint, data, pipeline, step as steplib
@@ -98,10 +100,9 @@ def _progress(epoch: int, num_epochs: int, i: int, total: int, img_s: float) -> 
 
 def _write_json(path: str, obj) -> None:
     if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)  # atomic: a kill never leaves half a file
+        tmp = epath.Path(path + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=1))
+        tmp.rename(path)  # atomic on a local disk: a kill never leaves half a file (a GCS object appears whole)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -115,20 +116,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
         convert.override_config(config, log=log)  # padding, eps and mean/std must match the weights
     _validate(config)
-    workdir = os.path.abspath(workdir)
+    workdir = checkpoint.absolute(workdir)
     config_json = config.to_json_best_effort(indent=1, sort_keys=True)
     checkpoint.check_config(workdir, config_json, RESUMABLE_FIELDS)
     metrics_path = os.path.join(workdir, "metrics.json")
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            metrics = json.load(f)
+    if epath.Path(metrics_path).exists():
+        metrics = json.loads(epath.Path(metrics_path).read_text())
         log(f"{workdir} is already finished; test balanced_accuracy={metrics['balanced_accuracy']:.4f} "
             f"balanced_f1={metrics['balanced_f1']:.4f} (delete metrics.json to re-evaluate)")
         return metrics
 
     records, split, parts = load_fold(config)  # bad input fails before the workdir is touched
     try:
-        os.makedirs(workdir, exist_ok=True)
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
             data.write_split(os.path.join(workdir, "split.json"), records, split)
             _write_json(os.path.join(workdir, "config.json"), json.loads(config_json))
@@ -165,7 +165,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = SummaryWriter(workdir, enabled=jax.process_index() == 0)
     root_rng = jax.random.key(config.seed)
     stop = {"sigterm": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    # With several processes all must stop at one step: the preemption service that
+    # jax.distributed.initialize starts catches SIGTERM and agrees on it (see _run_epochs);
+    # a Python handler would replace its handler.
+    single = jax.process_count() == 1
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True)) if single else None
     try:
         if int(state.step) == 0:
             _log_mixed_batch(config, mesh, train_x, train_y, root_rng, writer)
@@ -179,7 +183,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpts.wait()  # the last good checkpoint may still be writing in the background
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if single:
+            signal.signal(signal.SIGTERM, previous_handler)
         writer.close()
 
     # Test the best epoch once, on every image of the test fold (children need them all to merge).
@@ -221,6 +226,8 @@ def _run_epochs(config, state, progress, train_fn, eval_fn, mesh, ckpts, writer,
                 _flush_metrics(config, pending, step_now, spe, writer, seen / (time.time() - t0))
                 pending = []
                 _progress(epoch, config.num_epochs, i, spe, seen / (time.time() - t0))
+            if jax.process_count() > 1:
+                stop["sigterm"] = multihost_utils.reached_preemption_sync_point(step_now)
             if stop["sigterm"] or (config.checkpoint_every_steps and step_now % config.checkpoint_every_steps == 0
                                    and i < spe):
                 _flush_metrics(config, pending, step_now, spe, writer, 0.0)
@@ -275,8 +282,10 @@ def _flush_metrics(config, pending: list, step_now: int, spe: int, writer, img_s
 def _log_mixed_batch(config, mesh, images, labels, rng, writer) -> None:
     """One augmented and mixed batch as a TensorBoard image, to check the mixing by eye."""
     n = config.batch_size
+    per = n // jax.process_count()  # shard_batch takes this process's slice of the global batch
+    own = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
     prep = steplib.parallel_prepare(config, mesh)
-    batch = steplib.shard_batch({"image": images[:n], "label": labels[:n].astype(np.int32)}, mesh)
+    batch = steplib.shard_batch({"image": images[own], "label": labels[own].astype(np.int32)}, mesh)
     x, _, _ = prep(batch["image"], batch["label"], rng)
     x = np.asarray(multihost_utils.process_allgather(x, tiled=True))
     writer.image(0, "train/mixed_batch", (np.concatenate(list(x[: min(8, n)]), axis=1) * 255).astype(np.uint8))
@@ -289,8 +298,9 @@ def _write_predictions(path: str, config, records, logits: np.ndarray) -> None:
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     classes = np.asarray(config.classes)
     names = _names(config)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "subject", "label", "pred"] + [f"p_{n}" for n in names])
-        for p, s, y, pr in zip(records.paths, records.subjects, records.labels, probs):
-            w.writerow([p, s, int(y), int(classes[pr.argmax()])] + [f"{v:.6f}" for v in pr])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["path", "subject", "label", "pred"] + [f"p_{n}" for n in names])
+    for p, s, y, pr in zip(records.paths, records.subjects, records.labels, probs):
+        w.writerow([p, s, int(y), int(classes[pr.argmax()])] + [f"{v:.6f}" for v in pr])
+    epath.Path(path).write_text(f.getvalue())

@@ -181,11 +181,23 @@ def test_read_only_workdir_is_a_clear_error(failing_runs):
     assert "cannot write to workdir" in line and "Read-only file system" in line, line
 
 
-@pytest.mark.xfail(strict=True, reason="Orbax reports ENOSPC as ValueError('RESOURCE_EXHAUSTED: ... "
-                   "[os_error_code=28]'), which checkpoint.RunCheckpoints.save does not turn into an InputError yet")
 def test_full_disk_is_a_clear_error(failing_runs):
     result = _run(failing_runs, "full")[1]
     # Orbax's writer threads log their own tracebacks first; the run must still end in one clear line.
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not save the latest checkpoint") and "No space left on device" in last, last
+
+
+def test_storage_errors_from_orbax_become_one_line():
+    """Orbax's async writers report ENOSPC/EROFS inside a ValueError; other errors pass through unchanged."""
+    from circlemix_jax.checkpoint import _storage_error
+
+    orbax_enospc = ValueError('RESOURCE_EXHAUSTED: Error writing "params.x/0": Failed to write 8720384 bytes '
+                              "to file 4: No space left on device [os_error_code='28']")
+    err = _storage_error(orbax_enospc, "could not save the latest checkpoint at step 3")
+    assert str(err) == ("could not save the latest checkpoint at step 3: No space left on device "
+                        "(is the disk full or the workdir read-only?)")
+    err = _storage_error(OSError(30, "Read-only file system"), "could not finish saving a checkpoint")
+    assert "Read-only file system" in str(err)
+    assert _storage_error(ValueError("shape mismatch"), "x") is None
