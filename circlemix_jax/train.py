@@ -102,7 +102,7 @@ def _write_json(path: str, obj) -> None:
     if jax.process_index() == 0:
         tmp = epath.Path(path + ".tmp")
         tmp.write_text(json.dumps(obj, indent=1))
-        tmp.rename(path)  # atomic on a local disk: a kill never leaves half a file (a GCS object appears whole)
+        tmp.replace(path)  # atomic on a local disk: a kill never leaves half a file (a GCS object appears whole)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
