@@ -73,7 +73,7 @@ def restore_best(workdir: str, config):
 
     require_best_checkpoint(workdir, finished=False)
     model = steplib.make_model(config, axis_name=None)
-    tx = steplib.make_optimizer(config, 1)  # the state's structure does not depend on the schedule
+    tx = steplib.make_optimizer(config)
     dummy = np.zeros((1, config.data.image_size, config.data.image_size, 3), np.float32)
     abstract = jax.eval_shape(lambda: steplib.init_state(model.init(jax.random.key(0), dummy, train=False), tx))
     ckpts = checkpoint.RunCheckpoints(workdir)

@@ -48,15 +48,19 @@ def make_model(config, axis_name: str | None = AXIS) -> EfficientNetB0:
         axis_name=axis_name)
 
 
-def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """SGD with momentum; lr divided by 10 at `decay_at` of the epochs (paper 4.2)."""
-    boundary = max(1, int(config.optim.decay_at * config.num_epochs * steps_per_epoch))
-    schedule = optax.piecewise_constant_schedule(config.optim.lr, {boundary: config.optim.decay_factor})
-    return optax.sgd(schedule, momentum=config.optim.momentum)
+def make_optimizer(config) -> optax.GradientTransformation:
+    """SGD with momentum whose learning rate is set by each step's `lr` argument.
+
+    The lr is a hyperparameter in the optimizer state (`optax.inject_hyperparams`),
+    not a schedule compiled into the step: a boundary in steps depends on each
+    fold's training-set size, and as a constant it would make every fold compile
+    its own train step. The schedule is `learning_rate`, evaluated on the host.
+    """
+    return optax.inject_hyperparams(optax.sgd)(learning_rate=config.optim.lr, momentum=config.optim.momentum)
 
 
 def learning_rate(config, steps_per_epoch: int, step: int) -> float:
-    """The lr at `step`, for logging (mirrors `make_optimizer`)."""
+    """The lr of `step`: divided by `decay_factor` at `decay_at` of all steps (paper 4.2)."""
     boundary = max(1, int(config.optim.decay_at * config.num_epochs * steps_per_epoch))
     return config.optim.lr * (config.optim.decay_factor if step >= boundary else 1.0)
 
@@ -85,9 +89,9 @@ def _l2(tree) -> jax.Array:
     return optax.tree.norm(tree)
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config, model: EfficientNetB0,
+def train_step(state: TrainState, batch: dict, rng: jax.Array, lr: jax.Array, *, config, model: EfficientNetB0,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One SGD step on one device's shard; call through `parallel_train_step`.
+    """One SGD step at learning rate `lr` on one device's shard; call through `parallel_train_step`.
 
     A non-finite loss or gradient leaves the state unchanged and raises the
     `nonfinite` metric, so the last good state is what gets checkpointed.
@@ -107,7 +111,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config, model:
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    opt_state = state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
+    updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = _l2(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -134,12 +139,12 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 
 
 def parallel_train_step(config, model, tx, mesh: Mesh) -> Callable:
-    """jit(shard_map(train_step)): state and key replicated, batch split on 'data'.
+    """jit(shard_map(train_step)): state, key and lr replicated, batch split on 'data'.
 
     The state argument is donated: callers must use the returned state.
     """
     fn = functools.partial(train_step, config=config, model=model, tx=tx)
-    mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()))
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS), P(), P()), out_specs=(P(), P()))
     return jax.jit(mapped, donate_argnums=0)
 
 

@@ -152,7 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     mesh = steplib.make_mesh()
     model = steplib.make_model(config)
-    tx = steplib.make_optimizer(config, spe)
+    tx = steplib.make_optimizer(config)
     state = steplib.replicate(steplib.init_state(initial_variables(config, model, size), tx), mesh)
     ckpts = checkpoint.RunCheckpoints(workdir)
     progress = {"epochs_done": 0, "best_val_balanced_accuracy": -1.0, "best_epoch": -1, "history": []}
@@ -218,7 +218,8 @@ def _run_epochs(config, state, progress, train_fn, eval_fn, mesh, ckpts, writer,
         t0, seen, pending = time.time(), 0, []
         for i, batch in enumerate(pipeline.train_batches(train_x, train_y, config.batch_size, config.seed, epoch,
                                                          start=first, workers=config.data.workers), start=first + 1):
-            state, m = train_fn(state, steplib.shard_batch(batch, mesh), root_rng)
+            lr = np.float32(steplib.learning_rate(config, spe, epoch * spe + i - 1))  # no sync with the device
+            state, m = train_fn(state, steplib.shard_batch(batch, mesh), root_rng, lr)
             pending.append(m)
             seen += config.batch_size
             step_now = epoch * spe + i

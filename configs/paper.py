@@ -49,11 +49,6 @@ def get_config(arg: str = ""):
         base.num_epochs = 1
         base.data.image_size = 32
         base.augment.max_crop = 4
-        # The lr boundary (decay_at x steps) is a constant inside the compiled train step, and
-        # steps differ with every fold's and stage's training-set size; decaying at step 1
-        # makes the programs of one method and class count identical across folds and stages,
-        # so the persistent compilation cache turns ~21 compiles into 9.
-        base.optim.decay_at = 0.0
     c.base = base
     c.lock()
     return c

@@ -61,7 +61,7 @@ def parent_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("parent") / "c5")
     config = _config("c5", seed=0)
     variables = _random_variables("c5", 1)
-    state = steplib.init_state(variables, steplib.make_optimizer(config, 10))
+    state = steplib.init_state(variables, steplib.make_optimizer(config))
     os.makedirs(workdir)
     ckpts = checkpoint.RunCheckpoints(workdir)
     ckpts.save(checkpoint.BEST, 7, state, {"epochs_done": 1})

@@ -23,15 +23,16 @@ def batch():
     return {"image": rng.integers(0, 255, (8, 32, 32, 3), np.uint8), "label": rng.integers(0, 5, 8).astype(np.int32)}
 
 
-def _one_step(num_devices, batch):
+def _one_step(num_devices, batch, lr=None):
     config = _config()
     mesh = step.make_mesh(num_devices)
     model = step.make_model(config)
-    tx = step.make_optimizer(config, steps_per_epoch=10)
+    tx = step.make_optimizer(config)
     variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
     state = step.replicate(step.init_state(variables, tx), mesh)
     train = step.parallel_train_step(config, model, tx, mesh)
-    state, metrics = train(state, step.shard_batch(batch, mesh), jax.random.key(0))
+    state, metrics = train(state, step.shard_batch(batch, mesh), jax.random.key(0),
+                           np.float32(config.optim.lr if lr is None else lr))
     return jax.device_get(state), jax.device_get(metrics)
 
 
@@ -52,3 +53,20 @@ def test_one_and_four_devices_agree(batch):
     init_model = step.make_model(_config())
     v0 = init_model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(v0["params"]), jax.tree_util.tree_leaves(s1.params)))
+
+
+def test_lr_argument_sets_the_step_size(batch):
+    """The lr is a traced argument: lr 0 leaves the weights where they were (one program serves every fold)."""
+    s0, m0 = _one_step(1, batch, lr=0.0)
+    v0 = step.make_model(_config()).init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
+    for a, b in zip(jax.tree_util.tree_leaves(v0["params"]), jax.tree_util.tree_leaves(s0.params)):
+        np.testing.assert_array_equal(a, b)
+    assert float(m0["update_norm"]) == 0.0 and float(m0["grad_norm"]) > 0.0
+    assert float(s0.opt_state.hyperparams["learning_rate"]) == 0.0
+
+
+def test_learning_rate_schedule_divides_at_decay_at():
+    config = _config()
+    config.num_epochs, config.optim.lr, config.optim.decay_at, config.optim.decay_factor = 4, 0.01, 0.5, 0.1
+    lrs = [step.learning_rate(config, 10, s) for s in range(40)]
+    assert lrs[:20] == [0.01] * 20 and lrs[20:] == pytest.approx([0.001] * 20)
