@@ -16,7 +16,10 @@ def _config():
         config.augment.basic = False  # a fixed batch, so the loss curve reflects optimisation only
         config.model.dropout_rate = 0.0
         config.model.drop_path_rate = 0.0
-        config.optim.lr = 0.05
+        # 0.05 sits at the edge of stability for BatchNorm over 10 images: float32 spikes too
+        # (loss 1.8 -> 3.1 at step 6) and bf16 can end high. At 0.01 both fall smoothly
+        # (12 steps: float32 1.82 -> 0.08, bf16 1.82 -> 0.013; BENCHMARKS.md).
+        config.optim.lr = 0.01
     return config
 
 
@@ -43,21 +46,18 @@ def test_bf16_computes_in_bf16_with_float32_params():
     assert jax.eval_shape(forward, variables).dtype == jnp.float32  # loss and softmax stay float32
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open: with the tuned depthwise op (5fc1ce6) this 12-step bf16 run oscillates instead of halving "
-    "its loss on the CPU (it passed with the provisional op); to be diagnosed against a float32 run"))
 def test_bf16_training_converges():
     config = _config()
     mesh = step.make_mesh(1)
     model = step.make_model(config)
-    tx = step.make_optimizer(config, steps_per_epoch=100)
+    tx = step.make_optimizer(config)
     variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.key(0))
     state = step.replicate(step.init_state(variables, tx), mesh)
     train = step.parallel_train_step(config, model, tx, mesh)
     batch = step.shard_batch(_easy_batch(), mesh)
     losses = []
     for _ in range(12):
-        state, metrics = train(state, batch, jax.random.key(1))
+        state, metrics = train(state, batch, jax.random.key(1), np.float32(config.optim.lr))
         losses.append(float(metrics["loss"]))
         assert not bool(metrics["nonfinite"]), losses
     assert {p.dtype for p in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype(jnp.float32)}
