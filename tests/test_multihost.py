@@ -119,9 +119,6 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path, one_pro
 
 
 @two_processes
-@pytest.mark.xfail(strict=True, reason="train.py's Python SIGTERM handler replaces the JAX preemption service's, "
-                   "so a signalled process stops alone and the other hangs in a collective; needs "
-                   "multihost_utils.reached_preemption_sync_point in the loop (see the issue-7 report)")
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(tmp_path, one_process_two_devices):
     workdir = str(tmp_path / "two_processes")
     latest = os.path.join(workdir, "checkpoints", "latest")
