@@ -108,10 +108,17 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Paddin
     # varies, and a custom_vjp must return cotangents of its inputs' exact types. So
     # the kernel is cast to vary like x first; autodiff of that cast psums the
     # per-device kernel gradients, as for any other parameter.
-    missing = tuple(_varying_axes(x) - _varying_axes(kernel))
-    if missing:
-        kernel = lax.pcast(kernel, missing, to="varying")
-    return _shift_conv(x, kernel, stride, pads)
+    return _shift_conv(x, vary_like(kernel, x), stride, pads)
+
+
+def vary_like(param: jax.Array, x: jax.Array) -> jax.Array:
+    """`param` cast to vary over the mesh axes `x` varies over (no-op outside shard_map).
+
+    A custom_vjp must return cotangents of its inputs' exact types; autodiff of this
+    cast psums the per-device parameter gradients, as for any other parameter.
+    """
+    missing = tuple(_varying_axes(x) - _varying_axes(param))
+    return lax.pcast(param, missing, to="varying") if missing else param
 
 
 def _out_size(n: int, pad: tuple[int, int], k: int, s: int) -> int:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from circlemix_jax.models import EfficientNetB0, conv_padding, count_params
+from circlemix_jax.models import EfficientNetB0, channel_matmul, conv_padding, count_params
 
 
 @pytest.mark.parametrize("padding", ["symmetric", "same"])
@@ -40,3 +40,19 @@ def test_same_padding_matches_lax_same(size, k, s):
 def test_bad_padding_is_refused():
     with pytest.raises(ValueError, match="padding"):
         EfficientNetB0(num_classes=2, padding="valid").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3, 4), (6, 8, 1)])
+def test_channel_matmul_gradients_match_autodiff_of_dot(shape):
+    """The hand-written VJP of the 1x1 convolutions against autodiff of jnp.dot (values and both gradients)."""
+    *lead, cin, cout = shape
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (*lead, cin))
+    w = jax.random.normal(kw, (cin, cout))
+    g = jax.random.normal(kg, (*lead, cout))
+    ours, our_vjp = jax.vjp(channel_matmul, x, w)
+    ref, ref_vjp = jax.vjp(jnp.dot, x, w)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(our_vjp(g), ref_vjp(g)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
