@@ -52,6 +52,8 @@ class RunCheckpoints:
         Raises:
           InputError: the disk has no room for it, or the write failed for lack of space or rights.
         """
+        if step in self._managers[kind].all_steps():
+            return  # a resumed run replaying an epoch whose save survived: the same step is the same state
         self._check_space(kind, step, state)
         try:
             self._managers[kind].save(step, args=ocp.args.Composite(
@@ -70,11 +72,12 @@ class RunCheckpoints:
             state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
         return out.state, dict(out.progress)
 
-    def wait(self) -> None:
-        """Blocks until pending async saves are on disk."""
+    def wait(self, kind: str | None = None) -> None:
+        """Blocks until pending async saves (of `kind`, or of both) are on disk."""
         try:
-            for m in self._managers.values():
-                m.wait_until_finished()
+            for k, m in self._managers.items():
+                if kind in (None, k):
+                    m.wait_until_finished()
         except (OSError, ValueError) as e:
             if (err := _storage_error(e, "could not finish saving a checkpoint")) is None:
                 raise

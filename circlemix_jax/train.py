@@ -189,6 +189,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # Test the best epoch once, on every image of the test fold (children need them all to merge).
     ckpts.wait()
+    if ckpts.latest_step(checkpoint.BEST) is None:
+        raise InputError(f"{workdir} has no best checkpoint although training finished (was checkpoints/best "
+                         "deleted?); delete the workdir to train again")
     best, _ = ckpts.restore(checkpoint.BEST, checkpoint.abstract_like(state))
     ckpts.close()
     test_records = records.take(split.test)
@@ -245,6 +248,9 @@ def _run_epochs(config, state, progress, train_fn, eval_fn, mesh, ckpts, writer,
         if improved:
             progress.update(best_val_balanced_accuracy=val["balanced_accuracy"], best_epoch=epoch)
             ckpts.save(checkpoint.BEST, int(state.step), state, progress)
+            # `latest` records this best epoch in its progress; a kill between the two commits
+            # must not leave a latest that points at a best checkpoint which never reached disk.
+            ckpts.wait(checkpoint.BEST)
         ckpts.save(checkpoint.LATEST, int(state.step), state, progress)
         writer.scalars(int(state.step), {"val/balanced_accuracy": val["balanced_accuracy"],
                                          "val/balanced_f1": val["balanced_f1"], "train/img_per_s": train_img_s})

@@ -201,3 +201,31 @@ def test_storage_errors_from_orbax_become_one_line():
     err = _storage_error(OSError(30, "Read-only file system"), "could not finish saving a checkpoint")
     assert "Read-only file system" in str(err)
     assert _storage_error(ValueError("shape mismatch"), "x") is None
+
+
+def test_latest_never_points_at_a_best_checkpoint_that_is_not_on_disk(tmp_path):
+    """The race behind a flaky SIGKILL resume: `latest` (with progress naming the best epoch) must
+    only be written once the best checkpoint it refers to is committed, or a kill in between leaves a
+    run that resumes, never improves again, and ends with no best checkpoint to test."""
+    workdir, log = tmp_path / "run", tmp_path / "saves.jsonl"
+    probe = f"""
+import json, os, sys
+from circlemix_jax import checkpoint, main
+original = checkpoint.RunCheckpoints.save
+def save(self, kind, step, state, progress):
+    if kind == checkpoint.LATEST and progress["best_epoch"] >= 0:
+        best = os.path.join({str(workdir)!r}, "checkpoints", "best")
+        with open({str(log)!r}, "a") as f:
+            f.write(json.dumps([step, sorted(int(d) for d in os.listdir(best) if d.isdigit())]) + "\\n")
+    return original(self, kind, step, state, progress)
+checkpoint.RunCheckpoints.save = save
+sys.argv = ["main", "--config=configs/c5.py:smoke", "--workdir={workdir}"]
+main.run()
+"""
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                            env=dict(os.environ, CIRCLEMIX_CACHE=CACHE), timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saves = [json.loads(line) for line in log.read_text().splitlines()]
+    assert saves, "no latest save after a best epoch was recorded"
+    for step, committed_best in saves:
+        assert committed_best and max(committed_best) <= step, (step, committed_best)
