@@ -26,15 +26,8 @@ while [[ $# -gt 0 ]]; do
 done
 if [[ -z "$config" ]]; then echo "error: CONFIG is required" >&2; usage; fi
 
-# Prints a command as a shell would read it back; runs it unless --dry-run.
-run() {
-    local out="" a
-    for a in "$@"; do
-        if [[ "$a" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then out+="$a "; else out+="'${a//\'/\'\\\'\'}' "; fi
-    done
-    echo "+ ${out% }"
-    if [[ $dry_run -eq 0 ]]; then "$@"; fi
-}
+# shellcheck source=run_or_print.sh
+source "$(dirname "$0")/run_or_print.sh"
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-python3}"

@@ -22,14 +22,7 @@ while [[ $# -gt 0 ]]; do
 done
 logdir="${logdir:-$(cd "$(dirname "$0")/.." && pwd)/runs}"
 
-# Prints a command as a shell would read it back; runs it unless --dry-run.
-run() {
-    local out="" a
-    for a in "$@"; do
-        if [[ "$a" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then out+="$a "; else out+="'${a//\'/\'\\\'\'}' "; fi
-    done
-    echo "+ ${out% }"
-    if [[ $dry_run -eq 0 ]]; then "$@"; fi
-}
+# shellcheck source=run_or_print.sh
+source "$(dirname "$0")/run_or_print.sh"
 
 run "${PYTHON:-python3}" -m tensorboard.main --logdir="$logdir" --port="$port"

@@ -39,15 +39,8 @@ if [[ -z "$name" || -z "$zone" || -z "$workdir" || -z "$config" ]]; then
     echo "error: --name, --zone, --workdir and CONFIG are required" >&2; usage
 fi
 
-# Prints a command as a shell would read it back; runs it unless --dry-run.
-run() {
-    local out="" a
-    for a in "$@"; do
-        if [[ "$a" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then out+="$a "; else out+="'${a//\'/\'\\\'\'}' "; fi
-    done
-    echo "+ ${out% }"
-    if [[ $dry_run -eq 0 ]]; then "$@"; fi
-}
+# shellcheck source=run_or_print.sh
+source "$(dirname "$0")/run_or_print.sh"
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 where=(--zone="$zone")
