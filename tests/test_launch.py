@@ -84,8 +84,21 @@ def test_tensorboard():
     assert cmd[-2:] == ["--logdir=gs://bucket/runs", "--port=7007"]
 
 
+def test_gpu_bench_alternates_with_the_gpu_peer_and_the_peer_script_parses():
+    cmds = _dry_run("gpu_bench.sh")
+    assert [c[c.index("--res") + 1] for c in cmds] == ["128", "256", "256"]
+    for cmd in cmds:
+        assert cmd[:3] == ["python3", "-m", "circlemix_jax.bench"]
+        assert cmd[cmd.index("--peer-script") + 1] == "launch/torch_peer_gpu.py"
+        assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
+    peer = os.path.join(LAUNCH, "torch_peer_gpu.py")
+    with open(peer) as f:
+        compile(f.read(), peer, "exec")  # torch may be absent here; a syntax error must still fail
+    _dry_run("gpu_bench.sh", "--bogus", ok=False)
+
+
 def test_shellcheck_clean():
-    scripts = [os.path.join(LAUNCH, s) for s in ("tpu_vm.sh", "gpu.sh", "tensorboard.sh")]
+    scripts = [os.path.join(LAUNCH, s) for s in ("tpu_vm.sh", "gpu.sh", "tensorboard.sh", "gpu_bench.sh")]
     for s in scripts:
         assert os.access(s, os.X_OK), f"{s} is not executable"
     if shutil.which("shellcheck") is None:
