@@ -43,6 +43,11 @@ def _shift(x, kernel, stride, pads):
     return depthwise_conv(x, kernel, stride, pads, impl="shift")
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _inference(x, kernel, stride, pads):
+    return _shift(x, kernel, stride, pads)
+
+
 def _inputs(h, w, k, c=6, n=2, seed=0):
     rng = np.random.default_rng(seed)
     return (jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32),
@@ -70,6 +75,8 @@ def test_shift_matches_grouped_conv(size, k, stride, style):
     for name, a, e in zip(("y", "dx", "dkernel"), actual, expected):
         assert a.shape == e.shape and a.dtype == e.dtype, name
         _assert_close(a, e, 1e-5)
+    # Without autodiff the op computes the forward another way (one pad, not one per tap).
+    _assert_close(_inference(x, kernel, stride, pads), y_ref, 1e-5)
 
 
 @pytest.mark.parametrize("h,w,k,stride,pads", [
@@ -87,6 +94,7 @@ def test_shift_edge_geometries(h, w, k, stride, pads):
     actual = _value_and_grads(_shift, x, kernel, weights, stride, pads)
     for a, e in zip(actual, expected):
         _assert_close(a, e, 1e-5)
+    _assert_close(_inference(x, kernel, stride, pads), y_ref, 1e-5)
 
 
 @pytest.mark.parametrize("impl", ["shift", "xla"])
