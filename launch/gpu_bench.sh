@@ -37,15 +37,11 @@ status=0
 for setting in "16 128 100 2" "16 256 100 1" "128 256 30 1"; do
     read -r batch res steps rounds <<<"$setting"
     name="b${batch}_r${res}"
-    if [[ $dry_run -eq 1 ]]; then
-        run "$python" -m circlemix_jax.bench --batch "$batch" --res "$res" --steps "$steps" --dtype bfloat16 \
-            --peer "$python" --peer-script launch/torch_peer_gpu.py --rounds "$rounds"
-        continue
-    fi
+    cmd=("$python" -m circlemix_jax.bench --batch "$batch" --res "$res" --steps "$steps" --dtype bfloat16
+         --peer "$python" --peer-script launch/torch_peer_gpu.py --rounds "$rounds")
+    if [[ $dry_run -eq 1 ]]; then run "${cmd[@]}"; continue; fi
     # One failed setting must not cost the others' figures: the device time is short.
-    run "$python" -m circlemix_jax.bench --batch "$batch" --res "$res" --steps "$steps" --dtype bfloat16 \
-        --peer "$python" --peer-script launch/torch_peer_gpu.py --rounds "$rounds" \
-        >"$out/$name.out" 2>"$out/$name.log" || { status=1; tail -5 "$out/$name.log" >&2; }
+    run "${cmd[@]}" >"$out/$name.out" 2>"$out/$name.log" || { status=1; tail -5 "$out/$name.log" >&2; }
     grep '^{' "$out/$name.out" | tee "$out/$name.json" || true
 done
 exit "$status"
