@@ -13,10 +13,15 @@ on GPU images; the two are the same network. It is what `circlemix_jax.bench
 
 import argparse
 import json
+import sys
 import time
 
-import torch
-import torchvision
+try:
+    import torch
+    import torchvision
+except ImportError as e:
+    print(f"error: torch_peer_gpu.py needs torch and torchvision: {e}", file=sys.stderr)
+    sys.exit(2)
 
 p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, default=16)
@@ -25,7 +30,8 @@ p.add_argument("--steps", type=int, default=50)
 p.add_argument("--channels-last", action="store_true")
 a = p.parse_args()
 if not torch.cuda.is_available():
-    raise SystemExit("error: torch_peer_gpu.py needs a CUDA GPU")
+    print("error: torch_peer_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+    sys.exit(2)
 torch.manual_seed(0)
 torch.backends.cudnn.benchmark = True  # pick the fastest conv algorithms, as users do
 dev = torch.device("cuda")
