@@ -152,7 +152,8 @@ def bench_model(batch: int, res: int, steps: int, mix: str, dtype: str) -> dict:
         "augment_ms": round(1000 * prep_s / steps, 2), "mix_ms": round(1000 * mix_s / steps, 2),
         "augment_share": round(prep_s / train_s, 4), "mix_share": round(mix_s / train_s, 4),
         "mix": mix, "dtype": dtype, "batch": batch, "res": res, "steps": steps,
-        "devices": mesh.size, "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+        "devices": mesh.size, "eval_pieces": step.eval_pieces(batch // mesh.size),
+        "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
     }
 
 

@@ -23,8 +23,8 @@ def batch():
     return {"image": rng.integers(0, 255, (8, 32, 32, 3), np.uint8), "label": rng.integers(0, 5, 8).astype(np.int32)}
 
 
-def _one_step(num_devices, batch, lr=None):
-    config = _config()
+def _one_step(num_devices, batch, lr=None, config=None):
+    config = config or _config()
     mesh = step.make_mesh(num_devices)
     model = step.make_model(config)
     tx = step.make_optimizer(config)
@@ -70,3 +70,38 @@ def test_learning_rate_schedule_divides_at_decay_at():
     config.num_epochs, config.optim.lr, config.optim.decay_at, config.optim.decay_factor = 4, 0.01, 0.5, 0.1
     lrs = [step.learning_rate(config, 10, s) for s in range(40)]
     assert lrs[:20] == [0.01] * 20 and lrs[20:] == pytest.approx([0.001] * 20)
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(batch=16, backend="gpu", cores=64, devices=1), 1),   # accelerators fill up on one batch
+    (dict(batch=16, backend="cpu", cores=2, devices=1), 2),
+    (dict(batch=16, backend="cpu", cores=64, devices=1), 4),   # capped: compile time grows per piece
+    (dict(batch=12, backend="cpu", cores=5, devices=1), 4),    # largest divisor of 12 that is <= 5
+    (dict(batch=7, backend="cpu", cores=4, devices=1), 1),     # a prime batch cannot be cut evenly
+    (dict(batch=16, backend="cpu", cores=2, devices=4), 1),    # 4 fake devices on 2 cores: no spare cores
+    (dict(batch=3, backend="cpu", cores=16, devices=2), 3),
+    (dict(batch=0, backend="cpu", cores=2, devices=1), 1),
+])
+def test_eval_pieces_divides_the_batch_over_spare_cores(kwargs, expected):
+    assert step.eval_pieces(**kwargs) == expected
+
+
+def test_eval_in_pieces_gives_the_whole_batch_logits(batch, monkeypatch):
+    """Cutting the eval batch changes nothing per example, in order (running BatchNorm stats)."""
+    config = _config()
+    config.model.bn_momentum = 0.0  # one step sets the running statistics to this batch's moments
+    state, _ = _one_step(1, batch, lr=0.0, config=config)  # lr 0: the init weights, well conditioned
+    model, mesh = step.make_model(config), step.make_mesh(1)
+    logits, calls = {}, []
+    for pieces in (1, 4):
+        monkeypatch.setattr(step, "eval_pieces", lambda b, n=pieces: calls.append(b) or n)
+        fn = step.parallel_eval_step(config, model, mesh)
+        logits[pieces] = np.asarray(fn(step.replicate(state, mesh), batch["image"]))
+    assert calls == [8, 8]
+    x = (batch["image"].astype(np.float32) / 255.0 - np.asarray(config.data.mean)) / np.asarray(config.data.std)
+    whole = np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False))
+    assert np.ptp(whole, axis=0).min() > 0.05  # examples differ, so a reordered piece would show
+    # Rounding differs by about 1e-4: the matmuls block a batch of 2 differently from
+    # one of 8, and jit fuses differently from eager. A misplaced example is off by > 0.05.
+    for got in (logits[4], logits[1]):
+        np.testing.assert_allclose(got, whole, rtol=1e-3, atol=5e-4)
