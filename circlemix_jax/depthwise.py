@@ -250,11 +250,8 @@ def _varying_axes(a: jax.Array) -> frozenset:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _shift_conv(x, k, s, pads):
-    # Without autodiff (eval, predict) nothing else keeps x in memory, and XLA fuses
-    # x's producer (the expand conv's BatchNorm and SiLU) into each per-tap pad,
-    # computing it kh*kw times per output. Padding once fuses that producer into the
-    # one pad instead. Training goes through _shift_conv_fwd, where x is a residual
-    # in memory anyway and the per-tap pads are faster.
+    # Only reached without autodiff: pad once (module notes). Training goes through
+    # _shift_conv_fwd, where x is a residual in memory and per-tap pads are faster.
     return _forward(x, k, s, pads, pad_once=True)
 
 
