@@ -55,6 +55,10 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     c.classes = STAGE_CLASSES[stage]
     # Child stages start from the best checkpoint of this parent workdir ('' = derived).
     c.parent_workdir = ""
+    # Two seeds, so repeats can vary one and hold the other fixed: `split_seed` decides
+    # which subjects go to train/val/test; `seed` decides the initialisation, the data
+    # order, the augmentation and the mixing.
+    c.split_seed = 0
     c.seed = 0
     c.fold = 0
     c.num_folds = 5

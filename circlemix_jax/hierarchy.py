@@ -29,7 +29,7 @@ HEAD = "classifier"
 HEAD_MODES = ("parent", "fresh")
 # Fields that decide which images are in which fold: a child must share them with
 # its parent, or the child's test fold would hold the parent's training images.
-SPLIT_FIELDS = ("fold", "num_folds", "val_fraction", "seed", "data.manifest")
+SPLIT_FIELDS = ("fold", "num_folds", "val_fraction", "split_seed", "data.manifest")
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -42,9 +42,12 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise InputError(f"{workdir} holds no run (no config.json); train it first with circlemix_jax.main")
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
+        raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not valid JSON ({e})") from None
+    if isinstance(raw, dict) and "seed" in raw:
+        raw.setdefault("split_seed", raw["seed"])  # runs from before split_seed split with `seed`
+    return ml_collections.ConfigDict(raw)
 
 
 def require_best_checkpoint(workdir: str, finished: bool = True) -> None:

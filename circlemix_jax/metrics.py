@@ -1,8 +1,12 @@
 """The paper's metrics: balanced accuracy, balanced F1 and confusion matrices.
 
 Balanced accuracy is the mean recall over classes that occur in the ground
-truth (sklearn's `balanced_accuracy_score`); balanced F1 is the mean one-vs-rest
-F1 over all of the stage's classes (sklearn's macro F1).
+truth (sklearn's `balanced_accuracy_score`). Balanced F1 is the mean one-vs-rest
+F1 over the classes that occur in the truth *or* the predictions (sklearn's
+macro F1 with its default labels). A class a fold lacks altogether would score
+F1 = 0 by convention and drag the mean down even for perfect predictions, so it
+is left out; a prediction of an absent class still costs, as that class enters
+the mean with F1 = 0.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
     precision, _, f1, _ = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0)
     present = support > 0
+    occurring = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
     return {
         "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
-        "balanced_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "balanced_f1": float(f1_score(y_true, y_pred, labels=occurring, average="macro", zero_division=0))
+        if occurring else 0.0,
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
         "num_examples": int(len(y_true)),
         "per_class": {

@@ -59,7 +59,8 @@ def load_fold(config):
     records = data.read_manifest(data.manifest_path(config), config.class_names, config.data.label_map.to_dict())
     if not config.data.manifest:
         log("DATA: the built-in SYNTHETIC glomerulus set (set --config.data.manifest=PATH for real data)")
-    split = data.make_split(records, config.fold, config.num_folds, config.val_fraction, config.seed)
+    split = data.make_split(records, config.fold, config.num_folds, config.val_fraction,
+                             config.split_seed)
     _, parts = data.restrict(records, split, config.classes)
     return records, split, parts
 

@@ -33,4 +33,25 @@ def test_absent_class_is_left_out_of_balanced_accuracy():
     p = np.array([0, 2, 1, 1])
     m = classification_metrics(y, p, ["x", "y", "z"])
     assert np.isclose(m["balanced_accuracy"], balanced_accuracy_score(y, p))
-    assert np.isclose(m["balanced_f1"], f1_score(y, p, labels=[0, 1, 2], average="macro", zero_division=0))
+    # Class 2 occurs only as a wrong prediction: it enters the F1 mean with F1 = 0.
+    assert np.isclose(m["balanced_f1"], (2 / 3 + 1 + 0) / 3)
+
+
+def test_perfect_predictions_score_one_whatever_classes_a_fold_lacks():
+    names = ["a", "b", "c", "d", "e"]
+    rng = np.random.default_rng(1)
+    for present in ([0], [3, 4], [0, 2], [1, 2, 4], [0, 1, 2, 3, 4]):
+        y = rng.choice(present, 50)
+        m = classification_metrics(y, y, names)
+        assert m["balanced_accuracy"] == 1.0
+        assert m["balanced_f1"] == 1.0
+
+
+def test_balanced_f1_by_hand_on_a_fold_lacking_classes():
+    # Truth has classes 0 and 3 of five; one class-3 image is called 1.
+    y = np.array([0, 0, 0, 3, 3])
+    p = np.array([0, 0, 0, 3, 1])
+    m = classification_metrics(y, p, ["a", "b", "c", "d", "e"])
+    # F1: class 0 = 1, class 3 = 2/3 (P 1, R 1/2), class 1 = 0 (predicted, never true).
+    assert np.isclose(m["balanced_f1"], (1 + 2 / 3 + 0) / 3)
+    assert np.isclose(m["balanced_accuracy"], (1 + 0.5) / 2)
