@@ -9,7 +9,6 @@ position and the PRNG stream are functions of the step counter (see
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -17,16 +16,23 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
 from circlemix_jax.errors import InputError
+from circlemix_jax.rundir import absolute
 
 LATEST, BEST = "latest", "best"
 
 
+# `latest` keeps its previous step too, so a damaged newest checkpoint (a disk error, a
+# copy cut short) still leaves one to resume from; `best` is replaced whole.
+KEEP = {LATEST: 2, BEST: 1}
+# What Orbax leaves behind when a process dies mid-save (its save is a write then a rename).
+TEMPORARY_MARK = ".orbax-checkpoint-tmp"
+
+
 def _manager(directory: str, kind: str) -> ocp.CheckpointManager:
     # Both managers save the same step at an epoch end: their multi-process barriers need their own names.
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, multiprocessing_options=(
+    options = ocp.CheckpointManagerOptions(max_to_keep=KEEP[kind], create=True, multiprocessing_options=(
         ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=kind)))
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "progress"))
 
@@ -37,10 +43,13 @@ class RunCheckpoints:
     def __init__(self, workdir: str):
         root = os.path.join(absolute(workdir), "checkpoints")
         self._root = root
+        self._open()
+
+    def _open(self) -> None:
         try:
-            self._managers = {k: _manager(os.path.join(root, k), k) for k in (LATEST, BEST)}
+            self._managers = {k: _manager(os.path.join(self._root, k), k) for k in (LATEST, BEST)}
         except OSError as e:
-            raise InputError(f"cannot write checkpoints under {root}: {e.strerror or e}") from None
+            raise InputError(f"cannot write checkpoints under {self._root}: {e.strerror or e}") from None
 
     def latest_step(self, kind: str = LATEST) -> int | None:
         """Step of the newest checkpoint of `kind`, or None."""
@@ -65,12 +74,62 @@ class RunCheckpoints:
             raise err from None
 
     def restore(self, kind: str, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restores (state, progress) of `kind` onto the shardings in `abstract_state`."""
+        """Restores (state, progress) of `kind` onto the shardings in `abstract_state`.
+
+        Raises:
+          DamagedCheckpoint: the checkpoint's files cannot be read back.
+        """
         manager = self._managers[kind]
         step = manager.latest_step() if step is None else step
-        out = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
-        return out.state, dict(out.progress)
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
+            progress = dict(out.progress)
+        except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types for bad files
+            raise DamagedCheckpoint(os.path.join(self._root, kind, str(step)), e) from None
+        return out.state, progress
+
+    def restore_latest_good(self, abstract_state: Any, log) -> tuple[Any, dict] | None:
+        """The newest readable checkpoint to resume from: `latest`, its previous step, then `best`.
+
+        Resuming from an older step is exact, because the data order and the PRNG
+        stream are functions of the step: the run replays the lost steps.
+
+        Returns:
+          (state, progress), or None when the run has no checkpoint yet.
+
+        Raises:
+          InputError: checkpoints exist but none can be read, naming them and the way out.
+        """
+        candidates = [(LATEST, s) for s in sorted(self._managers[LATEST].all_steps(), reverse=True)]
+        candidates += [(BEST, s) for s in sorted(self._managers[BEST].all_steps(), reverse=True)]
+        damaged = []
+        for kind, step in candidates:
+            try:
+                state, progress = self.restore(kind, abstract_state, step)
+            except DamagedCheckpoint as e:
+                damaged.append(e)
+                continue
+            if damaged:
+                self._set_aside([d.folder for d in damaged])
+                log(f"WARNING: {'; '.join(str(d) for d in damaged)}; moved to {self._root}/damaged; resuming "
+                    f"from {kind} step {step} instead (the steps after it are replayed exactly)")
+            return state, progress
+        if damaged:
+            raise InputError(f"{damaged[0]}, and no other checkpoint of this run can be read; delete "
+                             f"{self._root} to train the run again from the start")
+        return None
+
+    def _set_aside(self, folders: list[str]) -> None:
+        """Moves damaged step folders out of the managers' sight, so new saves can take their steps."""
+        for m in self._managers.values():
+            m.close()
+        aside = os.path.join(self._root, "damaged")
+        os.makedirs(aside, exist_ok=True)
+        for folder in folders:
+            kind, step = folder.split(os.sep)[-2:]
+            os.replace(folder, os.path.join(aside, f"{kind}-{step}-{os.getpid()}"))
+        self._open()
 
     def wait(self, kind: str | None = None) -> None:
         """Blocks until pending async saves (of `kind`, or of both) are on disk."""
@@ -126,9 +185,27 @@ def _storage_error(e: Exception, what: str) -> InputError | None:
     return InputError(f"{what}: {os.strerror(code)} (is the disk full or the workdir read-only?)")
 
 
-def absolute(workdir: str) -> str:
-    """An absolute local path, or a URL such as gs://bucket/run unchanged (Orbax and TensorBoard write there)."""
-    return workdir if "://" in workdir else os.path.abspath(workdir)
+class DamagedCheckpoint(Exception):
+    """A checkpoint folder whose files cannot be read back (truncated, edited or half-copied)."""
+
+    def __init__(self, folder: str, cause: Exception):
+        reason = " ".join(str(cause).split())[:200] or type(cause).__name__
+        super().__init__(f"checkpoint {folder} is damaged ({type(cause).__name__}: {reason})")
+        self.folder = folder
+
+
+def remove_temporaries(root: str) -> None:
+    """Deletes the temporary folders of saves that a killed process never finished.
+
+    Only called by the process holding the workdir's lock, so no save is in flight.
+    """
+    if "://" in root or not os.path.isdir(root):
+        return
+    for kind in (LATEST, BEST):
+        folder = os.path.join(root, kind)
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if TEMPORARY_MARK in name:
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def abstract_like(tree: Any) -> Any:
@@ -139,36 +216,3 @@ def abstract_like(tree: Any) -> Any:
 def best_state_path(workdir: str) -> str:
     """The folder of a run's best checkpoint (what children and predict load)."""
     return os.path.join(absolute(workdir), "checkpoints", BEST)
-
-
-def check_config(workdir: str, config_json: str, ignore: tuple[str, ...]) -> None:
-    """Refuses to resume a workdir that holds a run with a different config.
-
-    Raises:
-      InputError: listing the differing fields and how to start fresh.
-    """
-    path = os.path.join(workdir, "config.json")
-    if not epath.Path(path).exists():
-        return
-    try:
-        old = flatten_dict(json.loads(epath.Path(path).read_text()))
-    except json.JSONDecodeError:
-        raise InputError(f"{path} is not valid JSON; move it away to start a fresh run") from None
-    new = flatten_dict(json.loads(config_json))
-    diff = sorted(k for k in set(old) | set(new)
-                  if old.get(k) != new.get(k) and not any(k == i or k.startswith(i + ".") for i in ignore))
-    if diff:
-        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
-        raise InputError(f"{workdir} holds a run with a different config ({shown}); "
-                         "use another --workdir, or delete that folder to start fresh")
-
-
-def flatten_dict(d: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}: config fields by dotted name (empty dicts kept as leaves)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten_dict(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

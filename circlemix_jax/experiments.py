@@ -22,7 +22,7 @@ import time
 import ml_collections
 import numpy as np
 
-from circlemix_jax import checkpoint, defaults, hierarchy, report
+from circlemix_jax import cli, config_check, defaults, hierarchy, report, rundir
 from circlemix_jax.errors import InputError, exits_cleanly
 from circlemix_jax.metrics import classification_metrics
 
@@ -34,7 +34,7 @@ SETTINGS = ("binary", "C5", "C5+NC2", "C5+C3", "C5+C2")
 PER_RUN_FIELDS = ("stage", "classes", "class_names", "data.label_map", "mix.method", "parent_workdir", "fold")
 # A finished run is kept when only these differ from the stored config (parent_workdir
 # is an absolute path, so it changes when the whole workdir is moved).
-KEEP_DESPITE = ("data.workers", "log_every_steps", "checkpoint_every_steps", "eval_batch_size", "parent_workdir")
+KEEP_DESPITE = (*rundir.EXECUTION_FIELDS, "parent_workdir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,7 @@ def validate(paper) -> None:
     if bad or not paper.folds:
         raise InputError(f"config field folds={tuple(paper.folds)} must lie in 0..{paper.base.num_folds - 1} "
                          "(base.num_folds)")
-    flat = checkpoint.flatten_dict(paper.base.to_dict())
+    flat = rundir.flatten_dict(paper.base.to_dict())
     clash = [k for k in PER_RUN_FIELDS if k in flat or any(f.startswith(k + ".") for f in flat)]
     if clash:
         raise InputError(f"config field base.{clash[0]} is set by each run and cannot be shared")
@@ -80,7 +80,7 @@ def validate(paper) -> None:
 def stage_config(paper, stage: str, method: str, fold: int, root: str) -> ml_collections.ConfigDict:
     """The config of one run: the stage's defaults, then `paper.base`, then the run's own fields."""
     config = defaults.get_config(stage, method)
-    config.update_from_flattened_dict(checkpoint.flatten_dict(paper.base.to_dict()))
+    config.update_from_flattened_dict(rundir.flatten_dict(paper.base.to_dict()))
     config.fold = fold
     if stage in defaults.CHILD_STAGES:
         config.parent_workdir = run_dir(root, "c5", method, fold)
@@ -97,11 +97,27 @@ def _finished(run: Run, config) -> bool:
     """True when the run has its test metrics and was made with this config."""
     if not os.path.isfile(os.path.join(run.workdir, "metrics.json")):
         return False
-    checkpoint.check_config(run.workdir, config.to_json_best_effort(indent=1, sort_keys=True), KEEP_DESPITE)
+    rundir.check_config(run.workdir, config.to_json_best_effort(indent=1, sort_keys=True), KEEP_DESPITE)
     return True
 
 
-def run_all(paper, root: str) -> None:
+def check_all(paper, root: str) -> None:
+    """Checks every run's config before the first one starts, so a bad field fails in seconds, not hours.
+
+    Raises:
+      InputError: naming the run and the field.
+    """
+    import jax  # noqa: PLC0415 - after the compilation cache is configured
+
+    for run in plan(paper, root):
+        try:
+            config_check.check_run_config(stage_config(paper, run.stage, run.method, run.fold, root),
+                                          jax.device_count())
+        except InputError as e:
+            raise InputError(f"{run.name}: {e}") from None
+
+
+def run_all(paper, root: str, stop: cli.StopRequest | None = None) -> None:
     """Trains every run of the protocol that is not finished yet, in this process."""
     from circlemix_jax import train  # noqa: PLC0415 - after the compilation cache is configured
 
@@ -116,7 +132,7 @@ def run_all(paper, root: str) -> None:
         print(f"{head} -> {run.workdir}", flush=True)
         t0 = time.time()
         try:
-            metrics = train.train_and_evaluate(config, run.workdir)
+            metrics = train.train_and_evaluate(config, run.workdir, stop=stop)
         except InputError as e:
             raise InputError(f"{run.name}: {e}") from None
         print(f"{head}: balanced_accuracy {metrics['balanced_accuracy']:.4f} balanced_f1 "
@@ -205,20 +221,6 @@ def describe(paper, wall_s: float | None) -> list[str]:
     return lines
 
 
-def configure_compilation_cache() -> None:
-    """Persistent XLA cache, as in `main`: identical programs across runs compile once.
-
-    Must run before the first JAX computation.
-    """
-    import jax  # noqa: PLC0415
-
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        from circlemix_jax.synthetic import cache_root  # noqa: PLC0415
-
-        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-
-
 def run() -> None:
     """CLI entry: flags are defined here, not at import, so tests can import this module."""
     from absl import app, flags, logging  # noqa: PLC0415
@@ -230,28 +232,34 @@ def run() -> None:
     report_only = flags.DEFINE_bool("report_only", False, "Only rewrite the tables and figures from finished runs.")
     flags.mark_flags_as_required(["config", "workdir"])
 
+    stop = cli.install_stop_handlers()
+
     @exits_cleanly
     def main(argv) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+        from circlemix_jax import train  # noqa: PLC0415 - after flag parsing, which must stay fast
+
         paper, root = config_flag.value, os.path.abspath(workdir_flag.value)
         validate(paper)
         start = time.time()
         if not report_only.value:
-            configure_compilation_cache()
-            run_all(paper, root)
+            cli.configure_compilation_cache()
+            check_all(paper, root)
+            try:
+                run_all(paper, root, stop)
+            except train.Stopped as e:
+                saved = f"saved step {e.step} of {e.workdir}" if e.step is not None else "nothing to save"
+                print(f"{stop.name}: {saved}; rerun the same command to go on", file=sys.stderr, flush=True)
+                sys.exit(cli.EXIT_CODES[e.signum])
+            except FloatingPointError as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                sys.exit(3)
         for path in write_results(paper, root, None if report_only.value else time.time() - start):
             print(f"wrote {path}", flush=True)
 
-    def parse(argv):
-        try:
-            return flags.FLAGS(argv)
-        except (flags.Error, ValueError, KeyError, AttributeError, TypeError) as e:
-            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(main, flags_parser=parse)
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, config_flags=("config",)))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from circlemix_jax import checkpoint, defaults
+from circlemix_jax import checkpoint, defaults, rundir
 from circlemix_jax.errors import InputError
 
 HEAD = "classifier"
@@ -82,8 +82,9 @@ def restore_best(workdir: str, config):
     ckpts = checkpoint.RunCheckpoints(workdir)
     try:
         state, _ = ckpts.restore(checkpoint.BEST, abstract)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise InputError(f"the best checkpoint of {workdir} does not match its config.json: {e}") from None
+    except checkpoint.DamagedCheckpoint as e:
+        raise InputError(f"{e}: it does not match {workdir}/config.json or its files are cut short; "
+                         "rerun that run's training command in a fresh --workdir") from None
     finally:
         ckpts.close()
     return state
@@ -95,10 +96,10 @@ def parent_workdir(config) -> str:
     Relative paths resolve against the current directory, like `--workdir`.
     """
     if config.parent_workdir:
-        return checkpoint.absolute(config.parent_workdir)
+        return rundir.absolute(config.parent_workdir)
     parent = ml_collections.ConfigDict(config.to_dict())
     parent.stage = "c5"  # default_workdir then reads the same method and fold
-    return checkpoint.absolute(defaults.default_workdir(parent))
+    return rundir.absolute(defaults.default_workdir(parent))
 
 
 def _check_compatible(config, parent_config, where: str) -> None:
@@ -119,6 +120,36 @@ def _check_compatible(config, parent_config, where: str) -> None:
     if not config.data.manifest and config.data.synthetic_count != parent_config.data.synthetic_count:
         raise InputError(f"parent {where} used data.synthetic_count={parent_config.data.synthetic_count}, "
                          f"this stage {config.data.synthetic_count}: different synthetic sets")
+
+
+def is_child(config) -> bool:
+    """Whether a stage starts from a parent run's best checkpoint."""
+    return bool(config.parent_workdir) or config.stage in defaults.CHILD_STAGES
+
+
+def check_parent(config, split_record: dict) -> None:
+    """Checks, before the child's workdir is touched, that its parent can be fine-tuned from.
+
+    The parent must be finished, share the child's label space and split fields,
+    and have been made from the same data: a manifest changed since the parent
+    ran would give the child a split whose test fold holds the parent's
+    training images.
+
+    Args:
+      config: the child stage's config.
+      split_record: the child's split as `rundir.split_record` gives it.
+
+    Raises:
+      InputError: naming the parent and what does not match.
+    """
+    where = parent_workdir(config)
+    require_best_checkpoint(where)
+    _check_compatible(config, load_run_config(where), where)
+    recorded = rundir.read_json(os.path.join(where, rundir.SPLIT), "the parent's split")
+    change = rundir.describe_change(recorded, split_record) if recorded else None
+    if change:
+        raise InputError(f"the data changed since parent {where} was trained ({change}), so this stage's test "
+                         "fold would hold the parent's training images; retrain the parent on the current data")
 
 
 def _get(config, dotted: str):

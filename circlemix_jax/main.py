@@ -8,20 +8,27 @@ cluster (Cloud TPU VMs, SLURM, Open MPI), or else `--coordinator=HOST:PORT
 --num_processes=N --process_id=I` (or the env vars JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 
-Exit codes: 0 done (or preempted by SIGTERM after saving a checkpoint), 2 bad
-input or config, 3 a NaN/Inf in the loss or gradients.
+Exit codes: 0 done, or stopped by SIGTERM (preemption) after saving a
+checkpoint; 130 stopped by SIGINT (Ctrl-C) after saving; 2 bad input or config,
+with the workdir left as it was; 3 a NaN/Inf in the loss or gradients.
+Rerunning the same command resumes.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+# Catch SIGTERM and SIGINT before anything slow (imports, decoding, the first compile),
+# so a stop at any moment ends with a message and the right exit code, not a bare kill.
+from circlemix_jax.cli import EXIT_CODES, install_stop_handlers  # isort: skip
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+STOP = install_stop_handlers() if __name__ == "__main__" else None
 
-from circlemix_jax import defaults
-from circlemix_jax.errors import EXIT_USAGE, InputError, exits_cleanly
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from circlemix_jax import cli, defaults  # noqa: E402
+from circlemix_jax.errors import exits_cleanly  # noqa: E402
 
 EXIT_NONFINITE = 3
 
@@ -36,90 +43,32 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1 (default $JAX_PROCESS_ID).")
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if not value:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise InputError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def maybe_initialize_distributed(force: bool = False, coordinator: str | None = None,
-                                 num_processes: int | None = None, process_id: int | None = None) -> None:
-    """Joins a multi-process job (TPU pod slice, multi-node GPU) when launched as one.
-
-    JAX itself reads only JAX_COORDINATOR_ADDRESS from the environment and
-    detects the rest on known clusters; JAX_NUM_PROCESSES and JAX_PROCESS_ID are
-    read here so a plain `N processes on some hosts` launch works too.
-
-    Args:
-      force: initialize even with no sign of a multi-process launch (cluster auto-detection).
-      coordinator: HOST:PORT of process 0; default $JAX_COORDINATOR_ADDRESS.
-      num_processes: default $JAX_NUM_PROCESSES.
-      process_id: default $JAX_PROCESS_ID.
-
-    Raises:
-      InputError: an incomplete or inconsistent multi-process launch.
-    """
-    import jax  # noqa: PLC0415 - must run before any other JAX call
-
-    # Compiling B0 takes tens of seconds on a CPU; a persistent cache makes reruns start at once.
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        from circlemix_jax.synthetic import cache_root  # noqa: PLC0415
-
-        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
-    num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
-    process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
-    multi_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # GKE TPU pods
-    if not (force or coordinator or (num_processes or 1) > 1 or process_id or multi_tpu):
-        return
-    try:
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
-    except (ValueError, TypeError) as e:
-        raise InputError(f"cannot join the multi-process job ({e}); give --coordinator=HOST:PORT "
-                         "--num_processes=N --process_id=I, or run on a cluster JAX detects") from None
-    if jax.process_count() > 1 and jax.default_backend() == "cpu":
-        # On CPU each process gets its own cache key for the same program and only process 0
-        # writes the cache, so process 0 would start at once and process 1 compile for a minute;
-        # gloo gives up on a collective whose peer is 30 s late. Compiling in both keeps them in step.
-        jax.config.update("jax_enable_compilation_cache", False)
-
-
 @exits_cleanly
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # Orbax logs every save at INFO; keep the console to our own progress lines.
     logging.set_verbosity(logging.WARNING)
-    maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    cli.maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from circlemix_jax import train  # noqa: PLC0415 - after distributed init
 
     config = _CONFIG.value
+    stop = STOP or install_stop_handlers()  # an entry-point script imports this module, then calls run()
     try:
-        train.train_and_evaluate(config, _WORKDIR.value or defaults.default_workdir(config))
+        train.train_and_evaluate(config, _WORKDIR.value or defaults.default_workdir(config), stop=stop)
+    except train.Stopped as e:
+        saved = (f"saved a checkpoint at step {e.step} in {e.workdir}" if e.step is not None
+                 else f"stopped before training began, nothing to save in {e.workdir}")
+        print(f"{stop.name}: {saved}; rerun the same command to resume", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CODES[e.signum])
     except FloatingPointError as e:
         # Not a bug to debug from a traceback: the message names the step and the way out.
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_NONFINITE)
 
 
-def _parse(argv):
-    """absl's flag parsing, but a bad flag or config field is one line and exit 2."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, ValueError, KeyError, AttributeError, TypeError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-
-
 def run() -> None:
-    flags.mark_flags_as_required(["config"])
-    app.run(main, flags_parser=_parse)
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, config_flags=("config",)))
 
 
 if __name__ == "__main__":

@@ -63,14 +63,21 @@ def decode_all(paths, size: int, workers: int = 4, desc: str = "decoding") -> np
             out[i] = load_image(paths[i], size)
         except FileNotFoundError:
             bad.append(f"{paths[i]} (missing)")
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        except Image.DecompressionBombError:
+            bad.append(f"{paths[i]} (larger than PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels; "
+                       "crop it to the glomerulus)")
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as e:
             bad.append(f"{paths[i]} (unreadable: {type(e).__name__})")
 
     start, tty = time.time(), sys.stderr.isatty()
+    last_line = start
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         for done, _ in enumerate(pool.map(one, range(len(paths))), start=1):
             if tty and (done % 64 == 0 or done == len(paths)):
                 print(f"\r{desc}: {done}/{len(paths)} images", end="", file=sys.stderr, flush=True)
+            elif not tty and time.time() - last_line > 30:  # a log file gets a line now and then
+                last_line = time.time()
+                print(f"{desc}: {done}/{len(paths)} images", file=sys.stderr, flush=True)
     if tty:
         print(file=sys.stderr)
     if bad:

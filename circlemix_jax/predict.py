@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 
 import numpy as np
 
-from circlemix_jax import defaults, experiments, hierarchy
+from circlemix_jax import cli, defaults, hierarchy
 from circlemix_jax.errors import InputError, exits_cleanly
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -182,7 +181,7 @@ def run() -> None:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         logging.set_verbosity(logging.WARNING)
         paths, subjects, labels = read_inputs(manifest.value, images.value)
-        experiments.configure_compilation_cache()
+        cli.configure_compilation_cache()
         for d in [workdir.value, *children.value]:
             hierarchy.require_best_checkpoint(os.path.abspath(d), finished=False)
         result = predict(workdir.value, children.value, paths, workers.value)
@@ -192,14 +191,7 @@ def run() -> None:
                   "sclerotic", flush=True)
         print(f"wrote {per_image} and {per_subject}", flush=True)
 
-    def parse(argv):
-        try:
-            return flags.FLAGS(argv)
-        except (flags.Error, ValueError) as e:
-            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(main, flags_parser=parse)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,53 +1,71 @@
-"""The training loop: data, folds, epochs, checkpoints, TensorBoard, test metrics.
+"""One run: one stage of the hierarchy on one fold, in five phases.
 
-`train_and_evaluate(config, workdir)` is the whole run. It resumes from the
-workdir's latest checkpoint, keeps the best epoch by validation balanced
-accuracy, and evaluates that best checkpoint once on the test fold.
+    check -> prepare -> train -> test -> write
+
+`check` does everything that can fail on the user's input (config values, the
+manifest, every image of every split, the workdir's config, data and lock)
+before a byte is written, so a bad input leaves the workdir as it was.
+`prepare` takes the workdir's lock, builds the model and resumes from the
+newest readable checkpoint; `train` runs the epochs, keeping the best epoch by
+validation balanced accuracy; `test` evaluates that best checkpoint once on the
+test fold; `write` stores the predictions and metrics. Rerunning the same
+command resumes the same run.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
 import signal
-import sys
-import time
 
 import jax
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from circlemix_jax import augment, checkpoint, data, pipeline, step as steplib
+from circlemix_jax import augment, checkpoint, config_check, data, hierarchy, pipeline, rundir, step as steplib
+from circlemix_jax.cli import StopRequest, install_stop_handlers
 from circlemix_jax.defaults import method_name
 from circlemix_jax.errors import InputError
 from circlemix_jax.metrics import classification_metrics
+from circlemix_jax.progress import Progress, log
 from circlemix_jax.summary import SummaryWriter
 
-# Fields that change how a run is executed, not what it computes: a rerun may differ in these.
-RESUMABLE_FIELDS = ("data.workers", "log_every_steps", "checkpoint_every_steps", "eval_batch_size")
+
+class Stopped(Exception):
+    """A stop signal (SIGTERM, SIGINT) ended the run after saving what there was to save.
+
+    Attributes:
+      signum: the signal.
+      step: the step saved in `latest`, or None when training had not started.
+      workdir: the run folder.
+    """
+
+    def __init__(self, signum: int, step: int | None, workdir: str):
+        super().__init__(signum, step, workdir)
+        self.signum, self.step, self.workdir = signum, step, workdir
 
 
-class Preempted(Exception):
-    """Raised internally after SIGTERM once the checkpoint is saved."""
+@dataclasses.dataclass
+class Inputs:
+    """What `check` established: the run's config, its data (decoded) and its folder."""
 
+    config: object
+    workdir: str
+    config_json: str
+    records: data.Records  # every image of the manifest
+    split: data.Split
+    parts: dict  # {'train', 'val', 'test'}: the stage's images, relabelled to local ids
+    test_records: data.Records  # every image of the test fold (children need them all to merge)
+    images: dict  # {'train', 'val', 'test'}: decoded uint8 (N, S, S, 3)
+    split_record: dict  # what split.json holds
 
-def log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, flush=True)
-
-
-def _validate(config) -> None:
-    n = jax.device_count()
-    if config.batch_size % n:
-        raise InputError(f"config field batch_size={config.batch_size} is not divisible by the {n} devices")
-    if not 0 <= config.fold < config.num_folds:
-        raise InputError(f"config field fold={config.fold} is out of range 0..{config.num_folds - 1}")
-    bad = [c for c in config.classes if not 0 <= c < len(config.class_names)]
-    if bad or len(set(config.classes)) != len(config.classes):
-        raise InputError(f"config field classes={tuple(config.classes)} must be distinct ids into class_names")
+    @property
+    def steps_per_epoch(self) -> int:
+        return pipeline.steps_per_epoch(len(self.parts["train"]), self.config.batch_size)
 
 
 def load_fold(config):
@@ -59,10 +77,63 @@ def load_fold(config):
     records = data.read_manifest(data.manifest_path(config), config.class_names, config.data.label_map.to_dict())
     if not config.data.manifest:
         log("DATA: the built-in SYNTHETIC glomerulus set (set --config.data.manifest=PATH for real data)")
-    split = data.make_split(records, config.fold, config.num_folds, config.val_fraction,
-                             config.split_seed)
+    split = data.make_split(records, config.fold, config.num_folds, config.val_fraction, config.split_seed)
     _, parts = data.restrict(records, split, config.classes)
     return records, split, parts
+
+
+def check(config, workdir: str) -> Inputs | dict:
+    """Every check on the user's input, reading only.
+
+    Returns:
+      The run's inputs, or the test metrics of a run that is already finished.
+
+    Raises:
+      InputError: the first problem found, naming the field, file or row.
+    """
+    if config.model.init_from:
+        from circlemix_jax import convert  # noqa: PLC0415 - optional weight readers
+
+        convert.override_config(config, log=log)  # padding, eps and mean/std must match the weights
+    config_check.check_run_config(config, jax.device_count())
+    workdir = rundir.absolute(workdir)
+    config_json = config.to_json_best_effort(indent=1, sort_keys=True)
+    rundir.check_config(workdir, config_json, rundir.EXECUTION_FIELDS)
+    finished = rundir.read_json(os.path.join(workdir, rundir.METRICS), "the run's test metrics")
+    if finished is not None:
+        log(f"{workdir} is already finished; test balanced_accuracy={finished.get('balanced_accuracy', 0):.4f} "
+            f"balanced_f1={finished.get('balanced_f1', 0):.4f} (delete metrics.json to re-evaluate)")
+        return finished
+    rundir.check_unlocked(workdir)
+
+    records, split, parts = load_fold(config)
+    record = rundir.split_record(records, split)
+    rundir.check_data(workdir, record)
+    if hierarchy.is_child(config):
+        hierarchy.check_parent(config, record)
+    if pipeline.steps_per_epoch(len(parts["train"]), config.batch_size) == 0:
+        raise InputError(f"config field batch_size={config.batch_size} exceeds the {len(parts['train'])} "
+                         "training images")
+    test_records = records.take(split.test)
+    size, workers = config.data.image_size, config.data.workers
+    images = {name: pipeline.decode_all(recs.paths, size, workers, f"decoding {name}")
+              for name, recs in (("train", parts["train"]), ("val", parts["val"]), ("test", test_records))}
+    fingerprints = {name: rundir.pixels_sha256(x) for name, x in images.items()}
+    rundir.check_pixels(workdir, fingerprints)
+    for name, fp in fingerprints.items():
+        record[name]["pixels_sha256"] = fp
+    return Inputs(config, workdir, config_json, records, split, parts, test_records, images, record)
+
+
+@dataclasses.dataclass
+class Machinery:
+    """The compiled pieces of a run: mesh, model, optimiser and jitted steps."""
+
+    mesh: object
+    model: object
+    tx: object
+    train_fn: object
+    eval_fn: object
 
 
 def initial_variables(config, model, image_size: int) -> dict:
@@ -73,11 +144,35 @@ def initial_variables(config, model, image_size: int) -> dict:
         from circlemix_jax import convert  # noqa: PLC0415 - optional torch/h5 readers
 
         variables = convert.init_backbone(config.model.init_from, variables, log=log)
-    if config.parent_workdir or config.stage in ("nc2", "c3", "c2"):
-        from circlemix_jax import hierarchy  # noqa: PLC0415 - children only
-
+    if hierarchy.is_child(config):
         variables = hierarchy.init_from_parent(config, variables, log=log)
     return variables
+
+
+def prepare(inputs: Inputs, ckpts: checkpoint.RunCheckpoints) -> tuple[Machinery, steplib.TrainState, dict]:
+    """Builds the model and steps, resumes from the newest readable checkpoint, writes config and split.
+
+    Call with the workdir's lock held.
+    """
+    config = inputs.config
+    mesh = steplib.make_mesh()
+    model = steplib.make_model(config)
+    tx = steplib.make_optimizer(config)
+    state = steplib.replicate(steplib.init_state(initial_variables(config, model, config.data.image_size), tx), mesh)
+    progress = {"epochs_done": 0, "best_val_balanced_accuracy": -1.0, "best_epoch": -1, "history": []}
+    resumed = ckpts.restore_latest_good(checkpoint.abstract_like(state), log)
+    if resumed is not None:
+        state, progress = resumed
+        log(f"resuming from step {int(state.step)} ({progress['epochs_done']}/{config.num_epochs} epochs done)")
+    if jax.process_index() == 0:
+        try:
+            rundir.write_json(os.path.join(inputs.workdir, rundir.SPLIT), inputs.split_record)
+            rundir.write_json(os.path.join(inputs.workdir, rundir.CONFIG), json.loads(inputs.config_json))
+        except OSError as e:
+            raise InputError(f"cannot write to workdir {inputs.workdir}: {e.strerror or e}") from None
+    machinery = Machinery(mesh, model, tx, steplib.parallel_train_step(config, model, tx, mesh),
+                          steplib.parallel_eval_step(config, model, mesh))
+    return machinery, state, progress
 
 
 def evaluate(eval_fn, state, images: np.ndarray, labels: np.ndarray, batch_size: int, mesh) -> np.ndarray:
@@ -92,199 +187,208 @@ def evaluate(eval_fn, state, images: np.ndarray, labels: np.ndarray, batch_size:
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
-def _progress(epoch: int, num_epochs: int, i: int, total: int, img_s: float) -> None:
-    if jax.process_index() == 0 and sys.stdout.isatty():
-        done = int(30 * i / max(total, 1))
-        print(f"\repoch {epoch + 1}/{num_epochs} [{'#' * done}{'.' * (30 - done)}] "
-              f"{i}/{total} {img_s:.1f} img/s", end="", flush=True)
-
-
-def _write_json(path: str, obj) -> None:
-    if jax.process_index() == 0:
-        tmp = epath.Path(path + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=1))
-        tmp.replace(path)  # atomic on a local disk: a kill never leaves half a file (a GCS object appears whole)
-
-
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None) -> dict:
     """Trains one stage on one fold, or resumes it; returns the test metrics.
+
+    Args:
+      config: the run's config (`configs/<stage>.py`).
+      workdir: the run folder; rerunning with the same one resumes.
+      stop: polled between steps; a CLI installs its handlers at start-up. When None,
+        SIGTERM and SIGINT are caught for the duration of this call (one process).
 
     Raises:
       InputError: bad data or config (the CLI turns it into one line and exit 2).
+      Stopped: a stop signal arrived; what there was to save is saved.
+      FloatingPointError: a NaN or Inf in the loss or gradients.
     """
-    if config.model.init_from:
-        from circlemix_jax import convert  # noqa: PLC0415 - optional weight readers
+    own_handlers = stop is None and jax.process_count() == 1
+    if stop is None:
+        stop = StopRequest()
+    if own_handlers:
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        install_stop_handlers(stop)
+    try:
+        return _run(config, workdir, stop)
+    finally:
+        if own_handlers:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
-        convert.override_config(config, log=log)  # padding, eps and mean/std must match the weights
-    _validate(config)
-    workdir = checkpoint.absolute(workdir)
-    config_json = config.to_json_best_effort(indent=1, sort_keys=True)
-    checkpoint.check_config(workdir, config_json, RESUMABLE_FIELDS)
-    metrics_path = os.path.join(workdir, "metrics.json")
-    if epath.Path(metrics_path).exists():
-        metrics = json.loads(epath.Path(metrics_path).read_text())
-        log(f"{workdir} is already finished; test balanced_accuracy={metrics['balanced_accuracy']:.4f} "
-            f"balanced_f1={metrics['balanced_f1']:.4f} (delete metrics.json to re-evaluate)")
-        return metrics
 
-    records, split, parts = load_fold(config)  # bad input fails before the workdir is touched
+def _run(config, workdir: str, stop: StopRequest) -> dict:
+    inputs = check(config, workdir)
+    if isinstance(inputs, dict):
+        return inputs
+    workdir = inputs.workdir
+    if stop:
+        raise Stopped(stop.signum, None, workdir)
+    log(f"stage {config.stage} ({', '.join(inputs.parts['train'].class_names)}), method {method_name(config)}, "
+        f"fold {config.fold}: train {len(inputs.parts['train'])}, val {len(inputs.parts['val'])}, "
+        f"test {len(inputs.test_records)} images; {jax.device_count()} {jax.devices()[0].platform} device(s)")
+    log(f"workdir {workdir}  (watch it: tensorboard --logdir {workdir})")
     try:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
-            data.write_split(os.path.join(workdir, "split.json"), records, split)
-            _write_json(os.path.join(workdir, "config.json"), json.loads(config_json))
     except OSError as e:
         raise InputError(f"cannot write to workdir {workdir}: {e.strerror or e}") from None
-    size, workers = config.data.image_size, config.data.workers
-    log(f"stage {config.stage} ({', '.join(parts['train'].class_names)}), method {method_name(config)}, "
-        f"fold {config.fold}: train {len(parts['train'])}, val {len(parts['val'])}, test {len(parts['test'])} images; "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
-    train_x = pipeline.decode_all(parts["train"].paths, size, workers, "decoding train")
-    val_x = pipeline.decode_all(parts["val"].paths, size, workers, "decoding val")
-    train_y, val_y = parts["train"].labels, parts["val"].labels
+    with rundir.locked(workdir):
+        checkpoint.remove_temporaries(os.path.join(workdir, "checkpoints"))
+        ckpts = checkpoint.RunCheckpoints(workdir)
+        try:
+            machinery, state, progress = prepare(inputs, ckpts)
+            state, progress = train(inputs, machinery, state, progress, ckpts, stop)
+            ckpts.wait()
+            if ckpts.latest_step(checkpoint.BEST) is None:
+                raise InputError(f"{workdir} has no best checkpoint although training finished (was "
+                                 "checkpoints/best deleted?); delete the workdir to train again")
+            best, _ = ckpts.restore(checkpoint.BEST, checkpoint.abstract_like(state))
+        except checkpoint.DamagedCheckpoint as e:
+            raise InputError(f"{e}; delete {workdir}/checkpoints/best and rerun to retrain") from None
+        finally:
+            ckpts.close()
+        logits = test(inputs, machinery, best)
+        return write(inputs, progress, logits)
 
-    spe = pipeline.steps_per_epoch(len(train_y), config.batch_size)
-    if spe == 0:
-        raise InputError(f"config field batch_size={config.batch_size} exceeds the {len(train_y)} training images")
-    total_steps = spe * config.num_epochs
+
+def _save_and_stop(ckpts, step: int, state, progress, stop: StopRequest, workdir: str):
+    ckpts.save(checkpoint.LATEST, step, state, progress)
+    ckpts.wait()  # `state` was donated to the step: the save must finish before the process ends
+    raise Stopped(stop.signum, step, workdir)
+
+
+def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: StopRequest):
+    """Runs the remaining epochs; each ends with a validation pass and the `latest`/`best` checkpoints.
+
+    Returns:
+      (final state, progress).
+    """
+    config = inputs.config
+    spe = inputs.steps_per_epoch
+    total = spe * config.num_epochs
+    train_x, train_y = inputs.images["train"], inputs.parts["train"].labels
+    val_x, val_y = inputs.images["val"], inputs.parts["val"].labels
+    writer = SummaryWriter(inputs.workdir, enabled=jax.process_index() == 0)
+    root_rng = jax.random.key(config.seed)
+    multi = jax.process_count() > 1
     per_device = config.batch_size // jax.device_count()
     if config.mix.method != "none" and augment.mixing_is_noop(per_device):
-        log(f"WARNING: {per_device} example per device: {config.mix.method} pairs within a device, so nothing is mixed")
-
-    mesh = steplib.make_mesh()
-    model = steplib.make_model(config)
-    tx = steplib.make_optimizer(config)
-    state = steplib.replicate(steplib.init_state(initial_variables(config, model, size), tx), mesh)
-    ckpts = checkpoint.RunCheckpoints(workdir)
-    progress = {"epochs_done": 0, "best_val_balanced_accuracy": -1.0, "best_epoch": -1, "history": []}
-    if ckpts.latest_step() is not None:
-        state, progress = ckpts.restore(checkpoint.LATEST, checkpoint.abstract_like(state))
-        log(f"resuming from step {int(state.step)} ({progress['epochs_done']}/{config.num_epochs} epochs done)")
-
-    train_fn = steplib.parallel_train_step(config, model, tx, mesh)
-    eval_fn = steplib.parallel_eval_step(config, model, mesh)
-    writer = SummaryWriter(workdir, enabled=jax.process_index() == 0)
-    root_rng = jax.random.key(config.seed)
-    stop = {"sigterm": False}
-    # With several processes all must stop at one step: the preemption service that
-    # jax.distributed.initialize starts catches SIGTERM and agrees on it (see _run_epochs);
-    # a Python handler would replace its handler.
-    single = jax.process_count() == 1
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True)) if single else None
+        log(f"WARNING: {per_device} example per device: {config.mix.method} pairs within a device, "
+            "so nothing is mixed")
+    step = int(state.step)
+    meter = Progress(total, start_step=step, batch_size=config.batch_size, log_every=config.log_every_steps)
     try:
-        if int(state.step) == 0:
-            _log_mixed_batch(config, mesh, train_x, train_y, root_rng, writer)
-        state, progress = _run_epochs(config, state, progress, train_fn, eval_fn, mesh, ckpts, writer, root_rng,
-                                      (train_x, train_y, val_x, val_y), spe, total_steps, stop)
-    except Preempted as e:
-        ckpts.wait()  # `state` was donated to the step: the saved step travels in the exception
-        log(f"SIGTERM: saved a checkpoint at step {e.args[0]} in {workdir}; rerun the same command to resume")
-        raise SystemExit(0) from None
-    except FloatingPointError:
-        ckpts.wait()  # the last good checkpoint may still be writing in the background
-        raise
+        if step == 0:
+            _log_mixed_batch(config, m.mesh, train_x, train_y, root_rng, writer)
+        for epoch in range(progress["epochs_done"], config.num_epochs):
+            pending = []
+            meter.start_epoch(step)
+            batches = pipeline.train_batches(train_x, train_y, config.batch_size, config.seed, epoch,
+                                             start=step - epoch * spe, workers=config.data.workers)
+            for batch in batches:
+                lr = np.float32(steplib.learning_rate(config, spe, step))  # a host value: no sync with the device
+                if not meter.is_compiled:
+                    meter.compiling()
+                state, metrics = m.train_fn(state, steplib.shard_batch(batch, m.mesh), root_rng, lr)
+                step += 1
+                if not meter.is_compiled:
+                    jax.block_until_ready(metrics)  # once per process, to time the compile apart
+                    meter.compiled(step)
+                pending.append(metrics)
+                if meter.due(step) or step % spe == 0:
+                    losses = _flush_metrics(config, pending, step, spe, writer, meter, ckpts)
+                    pending = []
+                    meter.report(step, epoch, config.num_epochs, losses, lr)
+                if multi:
+                    # The preemption service that jax.distributed.initialize starts catches SIGTERM
+                    # in every process and agrees on one step at which all of them stop.
+                    if multihost_utils.reached_preemption_sync_point(step):
+                        stop.signum = stop.signum or signal.SIGTERM
+                if stop or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+                            and step % spe):
+                    _flush_metrics(config, pending, step, spe, writer, meter, ckpts)
+                    pending = []
+                    if stop:
+                        _save_and_stop(ckpts, step, state, progress, stop, inputs.workdir)
+                    ckpts.save(checkpoint.LATEST, step, state, progress)
+            _flush_metrics(config, pending, step, spe, writer, meter, ckpts)
+            meter.train_done(step)
+            logits = evaluate(m.eval_fn, state, val_x, val_y, config.eval_batch_size, m.mesh)
+            val = classification_metrics(val_y, logits.argmax(-1), inputs.parts["val"].class_names)
+            improved = val["balanced_accuracy"] > progress["best_val_balanced_accuracy"]
+            progress["epochs_done"] = epoch + 1
+            progress["history"].append({"epoch": epoch + 1, "val_balanced_accuracy": val["balanced_accuracy"],
+                                        "val_balanced_f1": val["balanced_f1"]})
+            if improved:
+                progress.update(best_val_balanced_accuracy=val["balanced_accuracy"], best_epoch=epoch)
+                ckpts.save(checkpoint.BEST, step, state, progress)
+                # `latest` records this best epoch in its progress; a kill between the two commits
+                # must not leave a latest that points at a best checkpoint which never reached disk.
+                ckpts.wait(checkpoint.BEST)
+            ckpts.save(checkpoint.LATEST, step, state, progress)
+            img_s = meter.end_epoch(epoch, config.num_epochs, step,
+                                    f"val balanced_acc {val['balanced_accuracy']:.4f} f1 {val['balanced_f1']:.4f}"
+                                    f"{' *best*' if improved else ''}")
+            writer.scalars(step, {"val/balanced_accuracy": val["balanced_accuracy"],
+                                  "val/balanced_f1": val["balanced_f1"], **({"train/img_per_s": img_s} if img_s else {})})
+            writer.flush()
+            if stop:
+                _save_and_stop(ckpts, step, state, progress, stop, inputs.workdir)
     finally:
-        if single:
-            signal.signal(signal.SIGTERM, previous_handler)
         writer.close()
-
-    # Test the best epoch once, on every image of the test fold (children need them all to merge).
-    ckpts.wait()
-    if ckpts.latest_step(checkpoint.BEST) is None:
-        raise InputError(f"{workdir} has no best checkpoint although training finished (was checkpoints/best "
-                         "deleted?); delete the workdir to train again")
-    best, _ = ckpts.restore(checkpoint.BEST, checkpoint.abstract_like(state))
-    ckpts.close()
-    test_records = records.take(split.test)
-    test_x = pipeline.decode_all(test_records.paths, size, workers, "decoding test")
-    logits = evaluate(eval_fn, best, test_x, test_records.labels, config.eval_batch_size, mesh)
-    _write_predictions(os.path.join(workdir, "test_predictions.csv"), config, test_records, logits)
-    to_local = np.full(len(config.class_names), -1)
-    to_local[list(config.classes)] = np.arange(len(config.classes))
-    local = to_local[test_records.labels]
-    in_stage = local >= 0
-    metrics = classification_metrics(local[in_stage], logits[in_stage].argmax(-1), parts["test"].class_names)
-    metrics.update(best_epoch=progress["best_epoch"], best_val_balanced_accuracy=progress["best_val_balanced_accuracy"],
-                   stage=config.stage, method=method_name(config), fold=config.fold)
-    _write_json(metrics_path, metrics)
-    log(f"TEST fold {config.fold} (best epoch {progress['best_epoch'] + 1}): balanced_accuracy="
-        f"{metrics['balanced_accuracy']:.4f} balanced_f1={metrics['balanced_f1']:.4f}\n"
-        f"confusion matrix (rows = truth: {', '.join(metrics['class_names'])}):\n{np.array(metrics['confusion_matrix'])}")
-    return metrics
-
-
-def _run_epochs(config, state, progress, train_fn, eval_fn, mesh, ckpts, writer, root_rng, arrays, spe,
-                total_steps, stop):
-    train_x, train_y, val_x, val_y = arrays
-    start_time, start_step = time.time(), int(state.step)
-    for epoch in range(progress["epochs_done"], config.num_epochs):
-        first = int(state.step) - epoch * spe
-        t0, seen, pending = time.time(), 0, []
-        for i, batch in enumerate(pipeline.train_batches(train_x, train_y, config.batch_size, config.seed, epoch,
-                                                         start=first, workers=config.data.workers), start=first + 1):
-            lr = np.float32(steplib.learning_rate(config, spe, epoch * spe + i - 1))  # no sync with the device
-            state, m = train_fn(state, steplib.shard_batch(batch, mesh), root_rng, lr)
-            pending.append(m)
-            seen += config.batch_size
-            step_now = epoch * spe + i
-            if i % config.log_every_steps == 0 or i == spe:
-                _flush_metrics(config, pending, step_now, spe, writer, seen / (time.time() - t0))
-                pending = []
-                _progress(epoch, config.num_epochs, i, spe, seen / (time.time() - t0))
-            if jax.process_count() > 1:
-                stop["sigterm"] = multihost_utils.reached_preemption_sync_point(step_now)
-            if stop["sigterm"] or (config.checkpoint_every_steps and step_now % config.checkpoint_every_steps == 0
-                                   and i < spe):
-                _flush_metrics(config, pending, step_now, spe, writer, 0.0)
-                ckpts.save(checkpoint.LATEST, step_now, state, progress)
-                if stop["sigterm"]:
-                    raise Preempted(step_now)
-        train_img_s = seen / max(time.time() - t0, 1e-9)
-        logits = evaluate(eval_fn, state, val_x, val_y, config.eval_batch_size, mesh)
-        val = classification_metrics(val_y, logits.argmax(-1), _names(config))
-        improved = val["balanced_accuracy"] > progress["best_val_balanced_accuracy"]
-        progress["epochs_done"] = epoch + 1
-        progress["history"].append({"epoch": epoch + 1, "val_balanced_accuracy": val["balanced_accuracy"],
-                                    "val_balanced_f1": val["balanced_f1"]})
-        if improved:
-            progress.update(best_val_balanced_accuracy=val["balanced_accuracy"], best_epoch=epoch)
-            ckpts.save(checkpoint.BEST, int(state.step), state, progress)
-            # `latest` records this best epoch in its progress; a kill between the two commits
-            # must not leave a latest that points at a best checkpoint which never reached disk.
-            ckpts.wait(checkpoint.BEST)
-        ckpts.save(checkpoint.LATEST, int(state.step), state, progress)
-        writer.scalars(int(state.step), {"val/balanced_accuracy": val["balanced_accuracy"],
-                                         "val/balanced_f1": val["balanced_f1"], "train/img_per_s": train_img_s})
-        writer.flush()
-        done = int(state.step) - start_step
-        eta = (time.time() - start_time) / max(done, 1) * (total_steps - int(state.step))
-        if sys.stdout.isatty() and jax.process_index() == 0:
-            print("\r", end="")
-        log(f"epoch {epoch + 1}/{config.num_epochs}  val balanced_acc {val['balanced_accuracy']:.4f} "
-            f"f1 {val['balanced_f1']:.4f}{' *best*' if improved else ''}  {train_img_s:.1f} img/s  "
-            f"ETA {eta / 60:.1f} min")
     return state, progress
 
 
-def _names(config) -> tuple[str, ...]:
-    return tuple(config.class_names[c] for c in config.classes)
+def test(inputs: Inputs, m: Machinery, best) -> np.ndarray:
+    """Logits of the best checkpoint on every image of the test fold."""
+    return evaluate(m.eval_fn, best, inputs.images["test"], inputs.test_records.labels, inputs.config.eval_batch_size,
+                    m.mesh)
 
 
-def _flush_metrics(config, pending: list, step_now: int, spe: int, writer, img_s: float) -> None:
-    """Pulls step metrics to the host, stops loudly on NaN/Inf, logs means to TensorBoard."""
+def write(inputs: Inputs, progress: dict, logits: np.ndarray) -> dict:
+    """Writes test_predictions.csv and metrics.json (which marks the run finished); returns the metrics."""
+    config, workdir = inputs.config, inputs.workdir
+    _write_predictions(os.path.join(workdir, "test_predictions.csv"), config, inputs.test_records, logits)
+    to_local = np.full(len(config.class_names), -1)
+    to_local[list(config.classes)] = np.arange(len(config.classes))
+    local = to_local[inputs.test_records.labels]
+    in_stage = local >= 0
+    metrics = classification_metrics(local[in_stage], logits[in_stage].argmax(-1), inputs.parts["test"].class_names)
+    metrics.update(best_epoch=progress["best_epoch"], best_val_balanced_accuracy=progress["best_val_balanced_accuracy"],
+                   stage=config.stage, method=method_name(config), fold=config.fold)
+    if jax.process_index() == 0:
+        rundir.write_json(os.path.join(workdir, rundir.METRICS), metrics)
+    per_class = "; ".join(f"{n}: recall {v['recall']:.3f} precision {v['precision']:.3f} (n={v['support']})"
+                          for n, v in metrics["per_class"].items())
+    log(f"TEST fold {config.fold} (best epoch {progress['best_epoch'] + 1}): balanced_accuracy="
+        f"{metrics['balanced_accuracy']:.4f} balanced_f1={metrics['balanced_f1']:.4f}\n{per_class}\n"
+        f"confusion matrix (rows = truth: {', '.join(metrics['class_names'])}):\n{np.array(metrics['confusion_matrix'])}")
+    log(f"wrote {workdir}/metrics.json, test_predictions.csv, split.json, config.json, checkpoints/, events")
+    return metrics
+
+
+def _flush_metrics(config, pending: list, step: int, spe: int, writer, meter, ckpts) -> float | None:
+    """Pulls step metrics to the host, stops loudly on NaN/Inf, logs means to TensorBoard.
+
+    Returns:
+      The mean training loss of the pulled steps, or None when there were none.
+    """
     if not pending:
-        return
+        return None
     host = jax.device_get(pending)
-    first_bad = next((step_now - len(host) + 1 + k for k, m in enumerate(host) if m["nonfinite"]), None)
-    if first_bad is not None:
+    bad = next((k for k, m in enumerate(host) if m["nonfinite"]), None)
+    if bad is not None:
+        ckpts.wait()  # the last good checkpoint may still be writing in the background
+        saved = ckpts.latest_step()
+        kept = (f"the last good checkpoint (step {saved}) is kept" if saved is not None
+                else "no checkpoint had been saved yet")
         raise FloatingPointError(
-            f"non-finite loss or gradient at step {first_bad} (loss={host[first_bad - step_now + len(host) - 1]['loss']}); "
-            "the update was skipped and the last good checkpoint is kept; lower --config.optim.lr or check the data")
+            f"non-finite loss or gradient at step {step - len(host) + 1 + bad} (loss={host[bad]['loss']}); the "
+            f"update was skipped and {kept}; lower --config.optim.lr or check the data")
     means = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
-    means["train/lr"] = steplib.learning_rate(config, spe, step_now)
-    if img_s:
+    means["train/lr"] = steplib.learning_rate(config, spe, step)
+    if (img_s := meter.img_s()) is not None:
         means["train/img_per_s_running"] = img_s
-    writer.scalars(step_now, means)
+    writer.scalars(step, means)
+    return means["train/loss"]
 
 
 def _log_mixed_batch(config, mesh, images, labels, rng, writer) -> None:
@@ -305,7 +409,7 @@ def _write_predictions(path: str, config, records, logits: np.ndarray) -> None:
         return
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     classes = np.asarray(config.classes)
-    names = _names(config)
+    names = tuple(config.class_names[c] for c in config.classes)
     f = io.StringIO(newline="")
     w = csv.writer(f)
     w.writerow(["path", "subject", "label", "pred"] + [f"p_{n}" for n in names])

@@ -60,38 +60,46 @@ def _one_line_error(result, code: int) -> str:
     return last
 
 
-def _catches_sigterm(pid: int) -> bool:
-    """Whether the process has installed a SIGTERM handler (its bit in SigCgt of /proc/PID/status)."""
-    with open(f"/proc/{pid}/status") as f:
-        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
-    return bool(mask >> (signal.SIGTERM - 1) & 1)
+def _stop_when(proc: subprocess.Popen, needle: str, sig: int) -> subprocess.CompletedProcess:
+    """Sends `sig` as soon as `needle` appears in the run's stdout, then waits for it to end."""
+    deadline = time.time() + TIMEOUT
+    while proc.poll() is None and time.time() < deadline:
+        proc.logs[0].seek(0)
+        if needle in proc.logs[0].read():
+            proc.send_signal(sig)
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it printed {needle!r}"
+    return _finish(proc)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="watches /proc for the SIGTERM handler")
-def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
+def _saved_step(result, name: str, code: int) -> int:
+    assert result.returncode == code, (result.returncode, result.stdout[-1000:], result.stderr[-3000:])
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    assert f"{name}: saved a checkpoint at step" in result.stderr, result.stderr[-2000:]
+    return int(result.stderr.split(f"{name}: saved a checkpoint at step")[1].split()[0])
+
+
+def test_sigterm_and_sigint_save_exit_and_resume_exactly(tmp_path):
     whole, stopped = str(tmp_path / "uninterrupted"), str(tmp_path / "preempted")
     reference = _start(whole)
-    proc = _start(stopped)
     try:
-        # Before training installs its handler SIGTERM simply kills, so wait for the handler.
-        deadline = time.time() + TIMEOUT
-        while proc.poll() is None and not _catches_sigterm(proc.pid) and time.time() < deadline:
-            time.sleep(0.1)
-        assert proc.poll() is None, "the run ended before it installed its SIGTERM handler"
-        proc.send_signal(signal.SIGTERM)
-        result = _finish(proc)
-        assert result.returncode == 0, (result.returncode, result.stdout[-1000:], result.stderr[-3000:])
-        assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
-        assert "SIGTERM: saved a checkpoint at step" in result.stdout, result.stdout[-2000:]
-        step = int(result.stdout.split("SIGTERM: saved a checkpoint at step")[1].split()[0])
-        assert 0 < step < 12, step  # mid-epoch 1 of 2 (12 steps each): the resume restarts inside an epoch
+        # Preempted mid-epoch 1 of 2 (12 steps each): the resume restarts inside an epoch.
+        step = _saved_step(_stop_when(_start(stopped), "compiled the train step", signal.SIGTERM), "SIGTERM", 0)
+        assert 0 < step < 12, step
         assert _steps(os.path.join(stopped, "checkpoints", "latest")) == [step]
         assert not os.path.exists(os.path.join(stopped, "metrics.json"))
 
-        resumed = _finish(_start(stopped))
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        # Ctrl-C in epoch 2 of the resumed run: saved too, exit 130.
+        resumed = _stop_when(_start(stopped), "epoch 1/2", signal.SIGINT)
         assert f"resuming from step {step} " in resumed.stdout, resumed.stdout[-2000:]
-        assert _steps(os.path.join(stopped, "checkpoints", "latest")) == [24]
+        step2 = _saved_step(resumed, "SIGINT", 130)
+        assert 12 <= step2 <= 24, step2
+
+        last = _finish(_start(stopped))
+        assert last.returncode == 0, last.stderr[-3000:]
+        assert f"resuming from step {step2} " in last.stdout, last.stdout[-2000:]
+        assert _steps(os.path.join(stopped, "checkpoints", "latest"))[-1] == 24
     finally:
         ref = _finish(reference)
     assert ref.returncode == 0, ref.stderr[-3000:]

@@ -1,0 +1,248 @@
+"""A run's folder: who holds it, which config made it, and which data it was made from.
+
+A workdir is resumed by rerunning the same command, so it must refuse anything
+that would make the resumed run a different one:
+- a second process on the same folder (a lock naming the holder's pid and host);
+- a different config (the resolved config is kept in `config.json`);
+- different data: `split.json` records every split's images and a fingerprint of
+  their labels, subjects and decoded pixels. A manifest that gained subjects gives
+  a new split, whose test fold would hold images the checkpoint was trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import socket
+from typing import Iterator
+
+import numpy as np
+from etils import epath
+
+from circlemix_jax.errors import InputError
+
+LOCK = ".lock"
+CONFIG = "config.json"
+SPLIT = "split.json"
+METRICS = "metrics.json"
+SPLITS = ("train", "val", "test")
+# Fields that change how a run is executed, not what it computes: a rerun may differ in these.
+EXECUTION_FIELDS = ("data.workers", "log_every_steps", "checkpoint_every_steps", "eval_batch_size")
+
+
+def absolute(workdir: str) -> str:
+    """An absolute local path, or a URL such as gs://bucket/run unchanged (Orbax and TensorBoard write there)."""
+    return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
+def write_json(path: str, obj) -> None:
+    """Writes JSON atomically on a local disk (a kill never leaves half a file; a GCS object appears whole)."""
+    tmp = epath.Path(path + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def read_json(path: str, what: str):
+    """A JSON file of the workdir, or None when absent.
+
+    Raises:
+      InputError: the file exists but is not valid JSON.
+    """
+    p = epath.Path(path)
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as e:
+        raise InputError(f"{path} ({what}) is damaged ({type(e).__name__}); move it away to start afresh") from None
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+def flatten_dict(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: config fields by dotted name (empty dicts kept as leaves)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_config(workdir: str, config_json: str, ignore: tuple[str, ...]) -> None:
+    """Refuses to resume a workdir that holds a run with a different config.
+
+    Args:
+      workdir: the run folder.
+      config_json: the new run's resolved config as JSON.
+      ignore: dotted fields (or prefixes) that may differ between runs.
+
+    Raises:
+      InputError: listing the differing fields and how to start fresh.
+    """
+    old = read_json(os.path.join(workdir, CONFIG), "the run's config")
+    if old is None:
+        return
+    old, new = flatten_dict(old), flatten_dict(json.loads(config_json))
+    diff = sorted(k for k in set(old) | set(new)
+                  if old.get(k) != new.get(k) and not any(k == i or k.startswith(i + ".") for i in ignore))
+    if diff:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+        raise InputError(f"{workdir} holds a run with a different config ({shown}); "
+                         "use another --workdir, or delete that folder to start fresh")
+
+
+# --- data identity --------------------------------------------------------------------------------
+
+def split_record(records, split) -> dict:
+    """The images of each split, as `split.json` records them (all classes, not just a stage's).
+
+    Each split lists its subjects and image paths, and a fingerprint of the
+    (path, label, subject) rows, so a relabelled image counts as changed data.
+    """
+    out = {}
+    for name in SPLITS:
+        idx = getattr(split, name)
+        rows = "\n".join(f"{p}\t{r}\t{s}" for p, r, s in zip(records.paths[idx], records.raw_labels[idx],
+                                                            records.subjects[idx]))
+        out[name] = {"subjects": sorted(set(records.subjects[idx].tolist())),
+                     "paths": records.paths[idx].tolist(),
+                     "rows_sha256": hashlib.sha256(rows.encode()).hexdigest()}
+    return out
+
+
+def pixels_sha256(images: np.ndarray) -> str:
+    """Fingerprint of decoded images: a changed image file changes it."""
+    return hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()
+
+
+def describe_change(old: dict, new: dict) -> str | None:
+    """What differs between two `split_record`s, in words, or None if they hold the same rows."""
+    changes = []
+    for name in SPLITS:
+        if name not in old:
+            continue
+        before, after = set(old[name]["paths"]), set(new[name]["paths"])
+        added, removed = sorted(after - before), sorted(before - after)
+        if added:
+            changes.append(f"{name} would gain {len(added)} image(s) (e.g. {added[0]})")
+        if removed:
+            changes.append(f"{name} would lose {len(removed)} image(s) (e.g. {removed[0]})")
+        if not added and not removed and old[name].get("rows_sha256", new[name]["rows_sha256"]) != \
+                new[name]["rows_sha256"]:
+            changes.append(f"{name} images have new labels or subjects")
+    return "; ".join(changes) or None
+
+
+def check_data(workdir: str, record: dict) -> None:
+    """Refuses a rerun whose manifest gives another split than the one the run was made on.
+
+    Raises:
+      InputError: saying what changed and how to go on safely.
+    """
+    path = os.path.join(workdir, SPLIT)
+    old = read_json(path, "the run's split")
+    if old is None:
+        return
+    change = describe_change(old, record)
+    if change:
+        raise InputError(f"the data changed since {workdir} was made ({change}); its checkpoints were trained on "
+                         f"the split in {path}, so testing on a new split would leak training images. "
+                         "Restore the manifest, or train the changed data in a new --workdir")
+
+
+def check_pixels(workdir: str, fingerprints: dict[str, str]) -> None:
+    """Refuses a rerun whose image files changed since the run was made (same paths, new pixels).
+
+    Raises:
+      InputError: naming the split whose images changed.
+    """
+    old = read_json(os.path.join(workdir, SPLIT), "the run's split") or {}
+    changed = [n for n in SPLITS if old.get(n, {}).get("pixels_sha256", fingerprints[n]) != fingerprints[n]]
+    if changed:
+        raise InputError(f"the {', '.join(changed)} image file(s) of {workdir} changed since the run was made "
+                         "(same paths, different pixels); restore them, or train in a new --workdir")
+
+
+# --- lock -----------------------------------------------------------------------------------------
+
+def _holder(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # half-written by a process killed mid-write: treat as stale
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the lock's holder still runs. On another host we cannot tell, so assume it does."""
+    if holder.get("host") != socket.gethostname():
+        return bool(holder)
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except (ProcessLookupError, KeyError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def check_unlocked(workdir: str) -> None:
+    """Refuses at once if a live process holds the workdir (read-only; see `locked`).
+
+    Raises:
+      InputError: naming the holder's pid and host.
+    """
+    if "://" in workdir:
+        return
+    holder = _holder(os.path.join(workdir, LOCK))
+    if holder and _alive(holder):
+        raise InputError(f"{workdir} is in use by pid {holder.get('pid')} on {holder.get('host')} "
+                         f"(lock file {os.path.join(workdir, LOCK)}); wait for it, or delete the lock file "
+                         "if that process is gone")
+
+
+@contextlib.contextmanager
+def locked(workdir: str) -> Iterator[None]:
+    """Holds the workdir's lock file for the block; a stale lock of a dead process is taken over.
+
+    Remote workdirs (gs://) are not locked: object stores have no atomic create here.
+
+    Raises:
+      InputError: a live process holds the lock.
+    """
+    if "://" in workdir:
+        yield
+        return
+    path = os.path.join(workdir, LOCK)
+    mine = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(path)
+            if holder and _alive(holder):
+                check_unlocked(workdir)  # raises with the holder's name
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # stale: its process is gone
+            continue
+        except OSError as e:
+            raise InputError(f"cannot write to workdir {workdir}: {e.strerror or errno.errorcode.get(e.errno)}") \
+                from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(mine, f)
+        break
+    else:
+        raise InputError(f"cannot take the lock {path}: another process keeps taking it")
+    try:
+        yield
+    finally:
+        if _holder(path) == mine:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
