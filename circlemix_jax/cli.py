@@ -183,6 +183,24 @@ def config_field_names(config) -> list[str]:
     return names
 
 
+def closest_field(field: str, known: Sequence[str]) -> list[str]:
+    """The known field a misspelled one most likely meant (empty when none is close).
+
+    Fields of the same section come first, and an abbreviation counts as close:
+    `optim.learning_rate` finds `optim.lr`, whose letters are its words' initials.
+    """
+    section, _, leaf = field.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section}
+    initials = "".join(w[0] for w in leaf.split("_") if w)
+    for name, full in siblings.items():
+        if len(name) > 1 and (name == initials or "".join(w[0] for w in name.split("_") if w) == leaf):
+            return [full]
+    near = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+    if near:
+        return [siblings[near[0]]]
+    return difflib.get_close_matches(field, known, n=1, cutoff=0.6)
+
+
 def check_config_overrides(argv: Sequence[str], flag: str, config) -> None:
     """Refuses `--flag.FIELD=...` overrides that name no field of `config`, suggesting the closest.
 
@@ -195,8 +213,8 @@ def check_config_overrides(argv: Sequence[str], flag: str, config) -> None:
             continue
         field = arg[len(flag) + 3:].split("=", 1)[0]
         if field not in known:
-            close = difflib.get_close_matches(field, known, n=1, cutoff=0.5)
-            hint = f" (did you mean {flag}.{close[0]}?)" if close else ""
+            close = closest_field(field, known)
+            hint = f" (did you mean --{flag}.{close[0]}?)" if close else ""
             raise ValueError(f"unknown config field --{flag}.{field}{hint}")
 
 

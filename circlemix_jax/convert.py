@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from circlemix_jax import weight_sources as ws
+from circlemix_jax import defaults, weight_sources as ws
 from circlemix_jax.errors import exits_cleanly
 from circlemix_jax.models import EfficientNetB0
 from circlemix_jax.weight_sources import ConversionError
@@ -121,7 +121,7 @@ def _read(source: str, path: str, arch: str | None, log: Log) -> tuple[dict, dic
         raise ConversionError(f"--input {path} does not exist or is not a file")
     if arch is not None and source != "timm":
         raise ConversionError(f"--arch {arch} only applies to --source timm; {source} has one B0 layout")
-    mean, std, extra = ws.IMAGENET_MEAN, ws.IMAGENET_STD, {}
+    mean, std, extra = defaults.IMAGENET_MEAN, defaults.IMAGENET_STD, {}
     if source == "keras":
         kf = ws.read_keras_h5(path)
         log(f"read {len(kf.tensors)} tensors from {len(kf.layer_names)} Keras layers")

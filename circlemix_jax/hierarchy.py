@@ -220,13 +220,10 @@ def init_from_parent(config, variables: dict, log: Callable[[str], None] = print
         f"{parent_metrics.get('best_epoch', -1) + 1}, its test balanced_accuracy "
         f"{parent_metrics.get('balanced_accuracy', float('nan')):.4f}): backbone and BatchNorm statistics copied; "
         f"classifier = {head}")
-    if method_of(parent_config) != method_of(config):
-        log(f"NOTE: the parent was trained with {method_of(parent_config)}, this stage uses {method_of(config)}")
+    if defaults.method_name(parent_config) != defaults.method_name(config):
+        log(f"NOTE: the parent was trained with {defaults.method_name(parent_config)}, "
+            f"this stage uses {defaults.method_name(config)}")
     return {"params": params, "batch_stats": parent.batch_stats}
-
-
-def method_of(config) -> str:
-    return "baseline" if config.mix.method == "none" else config.mix.method
 
 
 def merge_predictions(parent: np.ndarray, child: np.ndarray, child_classes) -> np.ndarray:

@@ -67,7 +67,8 @@ def decode_all(paths, size: int, workers: int = 4, desc: str = "decoding") -> np
             bad.append(f"{paths[i]} (larger than PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels; "
                        "crop it to the glomerulus)")
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as e:
-            bad.append(f"{paths[i]} (unreadable: {type(e).__name__})")
+            reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:80] or type(e).__name__
+            bad.append(f"{paths[i]} (unreadable: {reason})")
 
     start, tty = time.time(), sys.stderr.isatty()
     last_line = start

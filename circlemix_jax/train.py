@@ -116,8 +116,12 @@ def check(config, workdir: str) -> Inputs | dict:
                          "training images")
     test_records = records.take(split.test)
     size, workers = config.data.image_size, config.data.workers
-    images = {name: pipeline.decode_all(recs.paths, size, workers, f"decoding {name}")
-              for name, recs in (("train", parts["train"]), ("val", parts["val"]), ("test", test_records))}
+    # One decode of every split, so that one error lists every unreadable image of all three.
+    named = (("train", parts["train"]), ("val", parts["val"]), ("test", test_records))
+    decoded = pipeline.decode_all(np.concatenate([recs.paths for _, recs in named]), size, workers,
+                                  "decoding train, val and test")
+    ends = np.cumsum([len(recs) for _, recs in named])
+    images = {name: x for (name, _), x in zip(named, np.split(decoded, ends[:-1]))}
     fingerprints = {name: rundir.pixels_sha256(x) for name, x in images.items()}
     rundir.check_pixels(workdir, fingerprints)
     for name, fp in fingerprints.items():

@@ -27,15 +27,13 @@ from typing import Callable
 
 import numpy as np
 
+from circlemix_jax.defaults import IMAGENET_STD
 from circlemix_jax.errors import InputError
 from circlemix_jax.models import B0_STAGES
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SOURCES = ("timm", "torchvision", "efficientnet_pytorch", "keras")
 TIMM_ARCHS = ("efficientnet_b0", "tf_efficientnet_b0")
 # Keras' constant for the EfficientNet normalisation quirk (tensorflow#49930).
-KERAS_IMAGENET_STDDEV = (0.229, 0.224, 0.225)
 KERAS_EPSILON = 1e-7  # Normalization divides by max(sqrt(var), backend.epsilon()).
 
 
@@ -365,8 +363,8 @@ def keras_input_normalisation(kf: KerasFile, log: Callable[[str], None]) -> tupl
 
     # Weightless layers are still listed in layer_names, so an absent Rescaling is truly absent.
     s1, o1 = factors(before[0] if before else None, 1 / 255 if before else 1.0)
-    imagenet_file = not after and not kf.layer_configs and np.allclose(v, KERAS_IMAGENET_STDDEV, atol=1e-6)
-    quirk_scale = [1 / np.sqrt(s) for s in KERAS_IMAGENET_STDDEV]
+    imagenet_file = not after and not kf.layer_configs and np.allclose(v, IMAGENET_STD, atol=1e-6)
+    quirk_scale = [1 / np.sqrt(s) for s in IMAGENET_STD]
     s2, o2 = factors(after[0] if after else None, quirk_scale if after or imagenet_file else 1.0)
     if after:
         origin = ("model_config" if kf.layer_configs else

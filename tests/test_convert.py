@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from circlemix_jax import convert
+from circlemix_jax import convert, defaults
 from circlemix_jax import weight_sources as ws
 from circlemix_jax.models import EfficientNetB0
 
@@ -124,7 +124,7 @@ def effnet_pytorch_ref(tmp_path_factory):
     torch.save(model.state_dict(), tmp / "efficientnet-b0-random.pth")
     _run_cli("--source", "efficientnet_pytorch", "--input", str(tmp / "efficientnet-b0-random.pth"),
              "--output", str(tmp / "out"))
-    return Reference(str(tmp / "out"), _torch_logits(model, ws.IMAGENET_MEAN, ws.IMAGENET_STD))
+    return Reference(str(tmp / "out"), _torch_logits(model, defaults.IMAGENET_MEAN, defaults.IMAGENET_STD))
 
 
 def _timm_reference(arch: str, tmp_path_factory) -> Reference:
@@ -140,7 +140,7 @@ def _timm_reference(arch: str, tmp_path_factory) -> Reference:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         _run_cli("--source", "timm", "--input", str(tmp / "model.safetensors"), "--arch", arch,
                  "--output", str(tmp / "out"))
-        mean, std = ws.IMAGENET_MEAN, ws.IMAGENET_STD
+        mean, std = defaults.IMAGENET_MEAN, defaults.IMAGENET_STD
     else:  # pytorch_model.bin + the HF config.json, which sets the arch and (here unusual) mean/std
         torch.save(model.state_dict(), tmp / "pytorch_model.bin")
         mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -171,7 +171,7 @@ def torchvision_ref(tmp_path_factory):
     torch.save(model.state_dict(), tmp / "efficientnet_b0_random.pth")
     _run_cli("--source", "torchvision", "--input", str(tmp / "efficientnet_b0_random.pth"),
              "--output", str(tmp / "out"))
-    return Reference(str(tmp / "out"), _torch_logits(model, ws.IMAGENET_MEAN, ws.IMAGENET_STD))
+    return Reference(str(tmp / "out"), _torch_logits(model, defaults.IMAGENET_MEAN, defaults.IMAGENET_STD))
 
 
 # ---------------------------------------------------------------- Keras reference
@@ -299,7 +299,7 @@ def test_meta_records_architecture(effnet_pytorch_ref):
     meta = convert.read_meta(effnet_pytorch_ref.out_dir)
     assert (meta["source"], meta["padding"], meta["bn_eps"], meta["num_classes"]) == (
         "efficientnet_pytorch", "same", 1e-3, 1000)
-    assert meta["mean"] == pytest.approx(ws.IMAGENET_MEAN) and meta["std"] == pytest.approx(ws.IMAGENET_STD)
+    assert meta["mean"] == pytest.approx(defaults.IMAGENET_MEAN) and meta["std"] == pytest.approx(defaults.IMAGENET_STD)
 
 
 def _leaves(directory):
@@ -325,17 +325,17 @@ def test_keras_layouts_agree(keras_ref):
 
 def test_keras_applications_normalisation_quirk():
     """keras-applications files store the ImageNet std as the variance; Keras divides by sqrt twice."""
-    stats = {"normalization/mean": np.float32(ws.IMAGENET_MEAN), "normalization/variance": np.float32(ws.IMAGENET_STD),
+    stats = {"normalization/mean": np.float32(defaults.IMAGENET_MEAN), "normalization/variance": np.float32(defaults.IMAGENET_STD),
              "normalization/count": np.float32(0)}
     layers = ["input_1", "rescaling", "normalization", "stem_conv_pad"]
     mean, std, _ = ws.keras_input_normalisation(ws.KerasFile(dict(stats), layers, []), print)
-    assert mean == pytest.approx(ws.IMAGENET_MEAN, abs=1e-6) and std == pytest.approx(ws.IMAGENET_STD, abs=1e-6)
+    assert mean == pytest.approx(defaults.IMAGENET_MEAN, abs=1e-6) and std == pytest.approx(defaults.IMAGENET_STD, abs=1e-6)
     # A model saved with its config: the second Rescaling's factors are read, not assumed.
     configs = [{"class_name": "Rescaling", "config": {"name": "rescaling", "scale": 1 / 255, "offset": 0.0}},
                {"class_name": "Rescaling", "config": {"name": "rescaling_1", "scale": 2.0, "offset": 0.0}}]
     mean, std, _ = ws.keras_input_normalisation(
         ws.KerasFile(dict(stats), layers[:3] + ["rescaling_1"] + layers[3:], configs), print)
-    assert std == pytest.approx(np.sqrt(ws.IMAGENET_STD) / 2, abs=1e-6)
+    assert std == pytest.approx(np.sqrt(defaults.IMAGENET_STD) / 2, abs=1e-6)
 
 
 # ---------------------------------------------------------------- training hooks
@@ -360,7 +360,7 @@ def test_init_backbone_keeps_fresh_classifier(effnet_pytorch_ref):
     config.model.init_from = directory
     convert.override_config(config, log=logs.append)
     assert (config.model.padding, config.model.bn_eps) == ("same", 1e-3)
-    assert list(config.data.mean) == pytest.approx(ws.IMAGENET_MEAN)
+    assert list(config.data.mean) == pytest.approx(defaults.IMAGENET_MEAN)
     assert any("padding" in line for line in logs)
 
 

@@ -201,9 +201,13 @@ def finished(tmp_path_factory, synthetic_manifest):
 
 
 def _copy(finished, tmp_path):
+    """A private copy of the finished run whose config names a private copy of its manifest."""
     workdir, manifest = finished
     shutil.copytree(workdir, tmp_path / "run")
     shutil.copy(manifest, tmp_path / "m.csv")
+    config = rundir.read_json(str(tmp_path / "run" / "config.json"), "config")
+    config["data"]["manifest"] = str(tmp_path / "m.csv")
+    rundir.write_json(str(tmp_path / "run" / "config.json"), config)
     return str(tmp_path / "run"), str(tmp_path / "m.csv")
 
 
