@@ -17,11 +17,11 @@ import signal
 import sys
 from typing import Sequence
 
-from circlemix_jax.errors import EXIT_USAGE, InputError
+from circlemix_jax.errors import EXIT_INTERRUPTED, EXIT_USAGE, InputError
 
 # Exit codes after a stop signal: preemption is a normal end of a job on a TPU VM
 # or SLURM (the scheduler reruns the same command), Ctrl-C follows the shell's 128+SIGINT.
-EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}
+EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: EXIT_INTERRUPTED}
 
 
 class StopRequest:

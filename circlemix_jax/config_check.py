@@ -132,7 +132,7 @@ def check_run_config(config, num_devices: int = 1) -> None:
     if "child_head" in config.model:
         _choice(config, "model.child_head", CHILD_HEADS)
 
-    _real(config, "optim.lr", 0.0, 10.0, lo_open=True)
+    _real(config, "optim.lr", 0.0, lo_open=True)
     _real(config, "optim.momentum", 0.0, 1.0, hi_open=True)
     _real(config, "optim.decay_at", 0.0, 1.0)
     _real(config, "optim.decay_factor", 0.0, 1.0, lo_open=True)

@@ -9,6 +9,7 @@ from typing import Callable, TypeVar
 F = TypeVar("F", bound=Callable)
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # the shell's 128 + SIGINT
 
 
 class InputError(Exception):
@@ -19,7 +20,7 @@ class InputError(Exception):
 
 
 def exits_cleanly(fn: F) -> F:
-    """Decorates a CLI entry: `InputError` becomes `error: ...` on stderr and exit 2."""
+    """Decorates a CLI entry: `InputError` becomes `error: ...` on stderr and exit 2, Ctrl-C exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -28,5 +29,9 @@ def exits_cleanly(fn: F) -> F:
         except InputError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USAGE)
+        except KeyboardInterrupt:
+            # Commands without a training loop have nothing to save: Ctrl-C ends them at once.
+            print("\ninterrupted (SIGINT); nothing was written", file=sys.stderr, flush=True)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]

@@ -241,6 +241,8 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
             machinery, state, progress = prepare(inputs, ckpts)
             state, progress = train(inputs, machinery, state, progress, ckpts, stop)
             ckpts.wait()
+            if stop:  # every epoch is saved: the rerun goes straight to the test
+                raise Stopped(stop.signum, ckpts.latest_step(), workdir)
             if ckpts.latest_step(checkpoint.BEST) is None:
                 raise InputError(f"{workdir} has no best checkpoint although training finished (was "
                                  "checkpoints/best deleted?); delete the workdir to train again")

@@ -51,7 +51,7 @@ def mini_protocol(tmp_path_factory) -> tuple[str, float, str]:
 
 # --- the whole protocol with a stand-in trainer ------------------------------------------------------------------
 
-def fake_train(config, workdir):
+def fake_train(config, workdir, stop=None):
     """Writes what a finished run writes (config.json, test_predictions.csv, metrics.json), skilled per method."""
     from circlemix_jax import train
 

@@ -91,7 +91,7 @@ def test_sigterm_and_sigint_save_exit_and_resume_exactly(tmp_path):
         assert not os.path.exists(os.path.join(stopped, "metrics.json"))
 
         # Ctrl-C in epoch 2 of the resumed run: saved too, exit 130.
-        resumed = _stop_when(_start(stopped), "epoch 1/2", signal.SIGINT)
+        resumed = _stop_when(_start(stopped), "epoch 1/2  val", signal.SIGINT)
         assert f"resuming from step {step} " in resumed.stdout, resumed.stdout[-2000:]
         step2 = _saved_step(resumed, "SIGINT", 130)
         assert 12 <= step2 <= 24, step2
