@@ -63,6 +63,10 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     c.fold = 0
     c.num_folds = 5
     c.val_fraction = 0.25
+    # 'subject_kfold' (paper): test = fold `fold` of num_folds subject-level folds.
+    # 'leave_one_center_out': test = the manifest's `center` number `fold` (sorted names);
+    # num_folds is then unused and the folds are the centres.
+    c.split = "subject_kfold"
 
     c.data = ml_collections.ConfigDict()
     c.data.manifest = ""  # '' = the built-in synthetic set.
@@ -102,6 +106,13 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     c.optim.momentum = 0.9
     c.optim.decay_at = 0.5  # lr /10 at half of the epochs (paper 4.2).
     c.optim.decay_factor = 0.1
+
+    # Evaluation (checked by decision.check_options). Off by default: the paper's argmax.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.tta = False  # average the logits of the 8 dihedral views in val, test and predict.
+    # 'argmax' (paper), 'prior' (subtract the training set's log class prior from the logits)
+    # or 'val' (a per-class logit bias fitted on the validation set for balanced accuracy).
+    c.eval.decision = "argmax"
 
     c.batch_size = 16  # global, split across devices.
     c.eval_batch_size = 64
