@@ -21,6 +21,9 @@ from circlemix_jax import synthetic
 from circlemix_jax.errors import InputError
 
 REQUIRED_COLUMNS = ("path", "label", "subject")
+# How the test fold is chosen (config field `split`): subject-level k-fold, or one centre held out.
+SPLITS = ("subject_kfold", "leave_one_center_out")
+CENTER_COLUMN = "center"
 
 
 @dataclasses.dataclass(frozen=True)
