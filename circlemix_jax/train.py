@@ -8,6 +8,7 @@ accuracy, and evaluates that best checkpoint once on the test fold.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -20,7 +21,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from circlemix_jax import augment, checkpoint, data, pipeline, step as steplib
+from circlemix_jax import augment, checkpoint, data, decision, pipeline, step as steplib
 from circlemix_jax.defaults import method_name
 from circlemix_jax.errors import InputError
 from circlemix_jax.metrics import classification_metrics
@@ -43,7 +44,8 @@ def _validate(config) -> None:
     n = jax.device_count()
     if config.batch_size % n:
         raise InputError(f"config field batch_size={config.batch_size} is not divisible by the {n} devices")
-    if not 0 <= config.fold < config.num_folds:
+    decision.check_options(config)
+    if config.split == "subject_kfold" and not 0 <= config.fold < config.num_folds:  # centres: data.make_split
         raise InputError(f"config field fold={config.fold} is out of range 0..{config.num_folds - 1}")
     bad = [c for c in config.classes if not 0 <= c < len(config.class_names)]
     if bad or len(set(config.classes)) != len(config.classes):
@@ -60,7 +62,7 @@ def load_fold(config):
     if not config.data.manifest:
         log("DATA: the built-in SYNTHETIC glomerulus set (set --config.data.manifest=PATH for real data)")
     split = data.make_split(records, config.fold, config.num_folds, config.val_fraction,
-                             config.split_seed)
+                             config.split_seed, config.split)
     _, parts = data.restrict(records, split, config.classes)
     return records, split, parts
 
@@ -198,19 +200,40 @@ def train_and_evaluate(config, workdir: str) -> dict:
     test_records = records.take(split.test)
     test_x = pipeline.decode_all(test_records.paths, size, workers, "decoding test")
     logits = evaluate(eval_fn, best, test_x, test_records.labels, config.eval_batch_size, mesh)
-    _write_predictions(os.path.join(workdir, "test_predictions.csv"), config, test_records, logits)
+    # --- decision rule (decision.py): fitted on the best checkpoint's validation logits, stored with the run ---
+    rule = _decision_rule(config, eval_fn, best, val_x, val_y, train_y, mesh)
+    if jax.process_index() == 0:
+        decision.save(os.path.join(workdir, decision.FILENAME), rule)
+    adjusted = decision.apply(rule, logits)
+    # --- end of the decision rule ---
+    _write_predictions(os.path.join(workdir, "test_predictions.csv"), config, test_records, logits, adjusted)
     to_local = np.full(len(config.class_names), -1)
     to_local[list(config.classes)] = np.arange(len(config.classes))
     local = to_local[test_records.labels]
     in_stage = local >= 0
     metrics = classification_metrics(local[in_stage], logits[in_stage].argmax(-1), parts["test"].class_names)
+    # `balanced_accuracy` etc. stay the plain argmax's (the paper's decision); `adjusted` holds the
+    # same metrics under the stored rule, which predict applies.
+    metrics["adjusted"] = classification_metrics(local[in_stage], adjusted[in_stage], parts["test"].class_names)
+    metrics["decision"] = dataclasses.asdict(rule)
     metrics.update(best_epoch=progress["best_epoch"], best_val_balanced_accuracy=progress["best_val_balanced_accuracy"],
                    stage=config.stage, method=method_name(config), fold=config.fold)
+    if split.held_out:
+        metrics["test_center"] = split.held_out
     _write_json(metrics_path, metrics)
     log(f"TEST fold {config.fold} (best epoch {progress['best_epoch'] + 1}): balanced_accuracy="
-        f"{metrics['balanced_accuracy']:.4f} balanced_f1={metrics['balanced_f1']:.4f}\n"
+        f"{metrics['balanced_accuracy']:.4f} balanced_f1={metrics['balanced_f1']:.4f}; under the decision rule "
+        f"'{rule.mode}': balanced_accuracy={metrics['adjusted']['balanced_accuracy']:.4f}\n"
         f"confusion matrix (rows = truth: {', '.join(metrics['class_names'])}):\n{np.array(metrics['confusion_matrix'])}")
     return metrics
+
+
+def _decision_rule(config, eval_fn, best, val_x, val_y, train_y, mesh) -> decision.Rule:
+    """The run's decision rule (decision.py), from the best checkpoint's validation logits."""
+    if config.eval.decision == "argmax":  # nothing to fit: skip the extra validation pass
+        return decision.Rule("argmax", (0.0,) * len(config.classes))
+    val_logits = evaluate(eval_fn, best, val_x, val_y, config.eval_batch_size, mesh)
+    return decision.fit(config.eval.decision, val_logits, val_y, train_y, len(config.classes))
 
 
 def _run_epochs(config, state, progress, train_fn, eval_fn, mesh, ckpts, writer, root_rng, arrays, spe,
@@ -299,8 +322,12 @@ def _log_mixed_batch(config, mesh, images, labels, rng, writer) -> None:
     writer.image(0, "train/mixed_batch", (np.concatenate(list(x[: min(8, n)]), axis=1) * 255).astype(np.uint8))
 
 
-def _write_predictions(path: str, config, records, logits: np.ndarray) -> None:
-    """Per-image test probabilities over the stage's classes, with global class ids."""
+def _write_predictions(path: str, config, records, logits: np.ndarray, adjusted: np.ndarray) -> None:
+    """Per-image test probabilities over the stage's classes, with global class ids.
+
+    `pred` is the argmax, `pred_adjusted` the prediction under the run's decision rule
+    (`adjusted`: local ids).
+    """
     if jax.process_index() != 0:
         return
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
@@ -308,7 +335,7 @@ def _write_predictions(path: str, config, records, logits: np.ndarray) -> None:
     names = _names(config)
     f = io.StringIO(newline="")
     w = csv.writer(f)
-    w.writerow(["path", "subject", "label", "pred"] + [f"p_{n}" for n in names])
-    for p, s, y, pr in zip(records.paths, records.subjects, records.labels, probs):
-        w.writerow([p, s, int(y), int(classes[pr.argmax()])] + [f"{v:.6f}" for v in pr])
+    w.writerow(["path", "subject", "label", "pred", "pred_adjusted"] + [f"p_{n}" for n in names])
+    for p, s, y, pr, a in zip(records.paths, records.subjects, records.labels, probs, adjusted):
+        w.writerow([p, s, int(y), int(classes[pr.argmax()]), int(classes[a])] + [f"{v:.6f}" for v in pr])
     epath.Path(path).write_text(f.getvalue())
