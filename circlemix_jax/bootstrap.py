@@ -67,7 +67,8 @@ def subject_bootstrap(labels, preds, subjects, num_classes: int | None = None, r
       confidence: the interval's coverage.
 
     Returns:
-      {balanced_accuracy, low, high, replicates (resamples,), subjects (count)}.
+      {balanced_accuracy, low, high, replicates (resamples,), subjects (count),
+      subject_ids (sorted)}.
     """
     labels, preds = np.asarray(labels, np.int64), np.asarray(preds, np.int64)
     if num_classes is None:
@@ -76,7 +77,7 @@ def subject_bootstrap(labels, preds, subjects, num_classes: int | None = None, r
     point = float(_balanced_accuracy(support.sum(0), hits.sum(0)))
     if len(ids) == 0:
         return {"balanced_accuracy": float("nan"), "low": float("nan"), "high": float("nan"),
-                "replicates": np.zeros(0), "subjects": 0}
+                "replicates": np.zeros(0), "subjects": 0, "subject_ids": ids}
     idx = resample_indices(len(ids), resamples, seed)
     # How often each subject is drawn, then the pooled counts of every replicate as one matmul.
     weights = np.zeros((resamples, len(ids)))
@@ -85,20 +86,28 @@ def subject_bootstrap(labels, preds, subjects, num_classes: int | None = None, r
     tail = 100 * (1 - confidence) / 2
     low, high = np.nanpercentile(replicates, [tail, 100 - tail])
     return {"balanced_accuracy": point, "low": float(low), "high": float(high), "replicates": replicates,
-            "subjects": len(ids)}
+            "subjects": len(ids), "subject_ids": ids}
 
 
-def paired_difference(labels, preds_a, preds_b, subjects, num_classes: int | None = None,
-                      resamples: int = RESAMPLES, seed: int = SEED, confidence: float = 0.95) -> dict:
-    """Pooled balanced accuracy of b minus a on the same images, with a paired subject bootstrap.
+def paired_difference(a: dict, b: dict, confidence: float = 0.95) -> dict:
+    """Pooled balanced accuracy of b minus a, with a paired subject-bootstrap interval.
+
+    Args:
+      a, b: `subject_bootstrap` results over the same subjects with the same seed and
+        resamples, so replicate i of both draws the same subjects.
 
     Returns:
       {difference, low, high, share_b_better (share of replicates where b > a)}.
+
+    Raises:
+      ValueError: the two were drawn over different subjects or replicates.
     """
-    a = subject_bootstrap(labels, preds_a, subjects, num_classes, resamples, seed, confidence)
-    b = subject_bootstrap(labels, preds_b, subjects, num_classes, resamples, seed, confidence)
+    if not np.array_equal(a["subject_ids"], b["subject_ids"]) or a["replicates"].shape != b["replicates"].shape:
+        raise ValueError("a paired bootstrap needs both scores drawn over the same subjects and replicates")
     d = b["replicates"] - a["replicates"]
+    if not len(d):
+        return {"difference": float("nan"), "low": float("nan"), "high": float("nan"), "share_b_better": float("nan")}
     tail = 100 * (1 - confidence) / 2
-    low, high = np.nanpercentile(d, [tail, 100 - tail]) if len(d) else (float("nan"),) * 2
+    low, high = np.nanpercentile(d, [tail, 100 - tail])
     return {"difference": b["balanced_accuracy"] - a["balanced_accuracy"], "low": float(low), "high": float(high),
-            "share_b_better": float(np.mean(d > 0)) if len(d) else float("nan")}
+            "share_b_better": float(np.mean(d > 0))}

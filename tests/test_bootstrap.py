@@ -93,8 +93,12 @@ def test_edge_cases_one_class_and_single_image_subjects():
 
 def test_paired_difference():
     labels, preds, subjects = _data(np.random.default_rng(4), subjects=20)
-    same = bootstrap.paired_difference(labels, preds, preds, subjects, 2, resamples=300)
+    a = bootstrap.subject_bootstrap(labels, preds, subjects, 2, resamples=300)
+    same = bootstrap.paired_difference(a, a)
     assert same["difference"] == 0.0 and same["low"] == same["high"] == 0.0
     better = np.where(np.random.default_rng(5).random(len(labels)) < 0.5, labels, preds)  # fixes half the errors
-    d = bootstrap.paired_difference(labels, preds, better, subjects, 2, resamples=300)
+    d = bootstrap.paired_difference(a, bootstrap.subject_bootstrap(labels, better, subjects, 2, resamples=300))
     assert d["difference"] > 0 and d["low"] > 0 and d["share_b_better"] > 0.95
+    other = bootstrap.subject_bootstrap(labels[:-5], preds[:-5], np.char.add(subjects[:-5], "x"), 2, resamples=300)
+    with pytest.raises(ValueError, match="same subjects"):
+        bootstrap.paired_difference(a, other)
