@@ -168,13 +168,22 @@ def center_names(path: str) -> list[str]:
     return sorted({r[CENTER_COLUMN].strip() for r in rows})
 
 
+def path_centers(path: str) -> dict[str, str]:
+    """{absolute image path: centre} of a manifest (paths resolved as `read_manifest` does).
+
+    Raises:
+      InputError: as `center_names`.
+    """
+    center_names(path)  # the column checks
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return {os.path.normpath(os.path.join(root, r["path"].strip())): r[CENTER_COLUMN].strip()
+                for r in csv.DictReader(f) if (r.get("path") or "").strip()}
+
+
 def centers(records: Records) -> np.ndarray:
     """The `center` of every record, read again from its manifest and matched by path."""
-    center_names(records.source)  # the column checks
-    root = os.path.dirname(os.path.abspath(records.source))
-    with open(records.source, newline="", encoding="utf-8-sig") as f:
-        by_path = {os.path.normpath(os.path.join(root, r["path"].strip())): r[CENTER_COLUMN].strip()
-                   for r in csv.DictReader(f) if (r.get("path") or "").strip()}
+    by_path = path_centers(records.source)
     return np.array([by_path[p] for p in records.paths])
 
 
