@@ -288,7 +288,7 @@ def pooled_scores(paper, predictions: dict) -> tuple[list[dict], dict]:
         st = _stack(per_seed)
         if st is None:
             continue
-        k = int(max(st["label"].max(), st["pred"].max())) + 1
+        k = int(max(st[c].max() for c in ("label", "pred", "pred_adjusted") if st[c] is not None)) + 1
         plain = bootstrap.subject_bootstrap(st["label"], st["pred"], st["subject"], k, **boot)
         row = {"setting": setting, "method": method, "balanced_accuracy": plain["balanced_accuracy"],
                "ci_low": plain["low"], "ci_high": plain["high"], "seeds": st["seeds"],

@@ -47,6 +47,9 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
         raise InputError(f"{path} is not valid JSON ({e})") from None
     if isinstance(raw, dict) and "seed" in raw:
         raw.setdefault("split_seed", raw["seed"])  # runs from before split_seed split with `seed`
+    if isinstance(raw, dict):  # runs from before these fields evaluated this way
+        raw.setdefault("split", "subject_kfold")
+        raw.setdefault("eval", {"tta": False, "decision": "argmax"})
     return ml_collections.ConfigDict(raw)
 
 

@@ -1,5 +1,7 @@
 """Decision rules for balanced accuracy: fitting, properties, storage and option checks."""
 
+import json
+
 import hypothesis
 import hypothesis.strategies as st
 import numpy as np
@@ -162,3 +164,14 @@ def test_check_options_names_field_value_and_choices(field, value, words):
         decision.check_options(config)
     for word in words:
         assert word in str(e.value)
+
+
+def test_runs_from_before_the_evaluation_fields_load_with_the_old_behaviour(tmp_path):
+    from circlemix_jax import hierarchy
+
+    old = json.loads(defaults.get_config("binary", "smoke").to_json_best_effort())
+    del old["eval"], old["split"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    config = hierarchy.load_run_config(str(tmp_path))
+    assert config.eval.tta is False and config.eval.decision == "argmax" and config.split == "subject_kfold"
+    decision.check_options(config)
