@@ -55,6 +55,12 @@ def _scores(rows: list[dict], method: str, setting: str, metric: str) -> dict[in
     return {f: float(np.mean(v)) for f, v in per_fold.items()}
 
 
+def _setting_rank(setting: str) -> int:
+    """Tables list the settings as the paper does: binary, C5, then C5 with each child."""
+    order = [s for s, _ in TABLE1 + TABLE2[1:]]
+    return order.index(setting) if setting in order else len(order)
+
+
 def _pct(v) -> str:
     return "–" if v is None or not np.isfinite(v) else f"{100 * v:.1f}"
 
@@ -67,7 +73,7 @@ def pooled_table(pooled: list[dict], rows: list[dict], methods: list[str]) -> st
     lines = ["| Setting | Method | pooled ACC [95% CI] | pooled ACC, decision rule [95% CI] | folds mean ± std | "
              "seeds mean ± std | folds | seeds | images | subjects |", "|" + "---|" * 10]
     order = {m: i for i, m in enumerate(methods)}
-    for r in sorted(pooled, key=lambda r: (r["setting"], order.get(r["method"], 99))):
+    for r in sorted(pooled, key=lambda r: (_setting_rank(r["setting"]), order.get(r["method"], 99))):
         folds = _scores(rows, r["method"], r["setting"], "balanced_accuracy")
         adjusted = ("–" if r["adjusted_balanced_accuracy"] is None else
                     f"{_pct(r['adjusted_balanced_accuracy'])} [{_pct(r['adjusted_ci_low'])}, "
@@ -105,7 +111,8 @@ def recall_table(centres: dict, methods: list[str]) -> str:
         return ""
     lines = ["| Setting | Method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
     order = {m: i for i, m in enumerate(methods)}
-    for (setting, method), per in sorted(centres.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
+    for (setting, method), per in sorted(centres.items(),
+                                         key=lambda kv: (_setting_rank(kv[0][0]), order.get(kv[0][1], 99))):
         cells = [f"{per[c][0]}/{per[c][1]} ({100 * per[c][0] / per[c][1]:.0f}%)" if c in per and per[c][1] else "–"
                  for c in names]
         lines.append(f"| {setting} | {method} | " + " | ".join(cells) + " |")
@@ -207,7 +214,8 @@ def markdown(rows: list[dict], methods: list[str], header: list[str], figures: l
       centres: sclerotic recall per centre (`experiments.centre_recall`).
     """
     parts = ["# CircleMix: cross-validated results\n", *[f"{line}  " for line in header], "",
-             "Scores are percentages on the test folds: mean ± standard deviation over folds. "
+             "Scores are percentages on the test folds: mean ± standard deviation over folds (with several "
+             "seeds, each fold's score is the mean over its seeds). "
              "ACC is balanced accuracy (mean per-class recall), F1 is balanced F1 (macro one-vs-rest F1). "
              "C5+X is the five-class result after the child X re-decides the images C5 put into its classes "
              "(paper, section 3.2); it is scored on every test image.\n",
