@@ -227,7 +227,9 @@ def merge_predictions(parent: np.ndarray, child: np.ndarray, child_classes) -> n
 
 
 def read_predictions(path: str) -> dict[str, np.ndarray]:
-    """A run's test_predictions.csv: paths, subjects, labels, preds (global ids; also pred_adjusted when present), probs.
+    """A run's test_predictions.csv: paths, subjects, labels, preds (global ids), probs.
+
+    `pred_adjusted` (the prediction under the run's decision rule) comes too when the file has it.
 
     Raises:
       InputError: missing file or columns.

@@ -246,8 +246,8 @@ def markdown(rows: list[dict], methods: list[str], header: list[str], figures: l
         parts += ["## Sclerotic recall per centre\n", "Globally sclerotic test images predicted sclerotic "
                   "(plain argmax), pooled over folds and seeds, by the manifest's `center`.\n", recall]
     if figures:
-        parts += ["## Confusion matrices\n", "Summed over the test folds (every image counted once per seed); rows are the "
-                  "truth, colour is the row-normalised rate.\n", *[f"![{f}]({f})\n" for f in figures]]
+        parts += ["## Confusion matrices\n", "Summed over the test folds (every image counted once per seed); "
+                  "rows are the truth, colour is the row-normalised rate.\n", *[f"![{f}]({f})\n" for f in figures]]
     return "\n".join(parts)
 
 

@@ -1,4 +1,4 @@
-"""The experiments driver's seeds axis, pooled subject-bootstrap scores and leave-one-centre-out, with a stand-in trainer."""
+"""The experiments driver's seeds, pooled subject-bootstrap scores and leave-one-centre-out (stand-in trainer)."""
 
 import json
 import os
