@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from circlemix_jax import augment
+from circlemix_jax import augment, decision
 from circlemix_jax.errors import InputError
 from circlemix_jax.models import PADDINGS
 
@@ -100,7 +100,11 @@ def check_run_config(config, num_devices: int = 1) -> None:
     _int(config, "seed", 0)
     _int(config, "split_seed", 0)
     num_folds = _int(config, "num_folds", 2)
-    _int(config, "fold", 0, num_folds - 1)
+    decision.check_options(config)  # eval.tta, eval.decision, split
+    if config.split == "subject_kfold":  # a centre's index is checked against the manifest's centres
+        _int(config, "fold", 0, num_folds - 1)
+    else:
+        _int(config, "fold", 0)
     _real(config, "val_fraction", 0.0, 0.5, lo_open=True)
 
     size = _int(config, "data.image_size", MIN_IMAGE_SIZE, 4096)

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import warnings
 
 import numpy as np
-from etils import epath
 from sklearn.model_selection import StratifiedGroupKFold
 
 from circlemix_jax import synthetic
 from circlemix_jax.errors import InputError
 
 REQUIRED_COLUMNS = ("path", "label", "subject")
+# How the test fold is chosen (config field `split`): subject-level k-fold, or one centre held out.
+SPLITS = ("subject_kfold", "leave_one_center_out")
+CENTER_COLUMN = "center"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,36 +134,102 @@ def _few(items: list[str], n: int = 5) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Indices into `Records` for one fold."""
+    """Indices into `Records` for one fold.
+
+    Attributes:
+      held_out: the test centre of a leave-one-centre-out split; '' otherwise.
+    """
 
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    held_out: str = ""
+
+
+def center_names(path: str) -> list[str]:
+    """The sorted distinct values of a manifest's `center` column: fold k of a
+    leave-one-centre-out split tests on centre k.
+
+    Raises:
+      InputError: no such column, or a row without a centre.
+    """
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        if CENTER_COLUMN not in header:
+            raise InputError(f"{path}: split='leave_one_center_out' needs a '{CENTER_COLUMN}' column; "
+                             f"the header is {header}")
+        rows = list(reader)
+    blank = [f"line {i}" for i, r in enumerate(rows, start=2) if not (r.get(CENTER_COLUMN) or "").strip()]
+    if blank:
+        raise InputError(f"{path}: empty '{CENTER_COLUMN}' at {_few(blank)}")
+    return sorted({r[CENTER_COLUMN].strip() for r in rows})
+
+
+def path_centers(path: str) -> dict[str, str]:
+    """{absolute image path: centre} of a manifest (paths resolved as `read_manifest` does).
+
+    Raises:
+      InputError: as `center_names`.
+    """
+    center_names(path)  # the column checks
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return {os.path.normpath(os.path.join(root, r["path"].strip())): r[CENTER_COLUMN].strip()
+                for r in csv.DictReader(f) if (r.get("path") or "").strip()}
+
+
+def centers(records: Records) -> np.ndarray:
+    """The `center` of every record, read again from its manifest and matched by path."""
+    by_path = path_centers(records.source)
+    return np.array([by_path[p] for p in records.paths])
 
 
 def make_split(records: Records, fold: int, num_folds: int = 5, val_fraction: float = 0.25,
-               seed: int = 0) -> Split:
-    """Subject-level split: test = fold `fold`; the other subjects 75/25 train/val.
+               seed: int = 0, split: str = "subject_kfold") -> Split:
+    """The test fold, and the other subjects 75/25 train/val.
 
-    Both levels use sklearn's StratifiedGroupKFold, so classes are balanced as far
-    as whole subjects allow, and the result depends only on the manifest and seed.
+    With split='subject_kfold' the test set is fold `fold` of `num_folds`
+    subject-level folds. With split='leave_one_center_out' it is every image of
+    centre number `fold` (sorted `center` names; `num_folds` is unused), the
+    honest test of robustness to another lab's stain and scanner. Both levels use
+    sklearn's StratifiedGroupKFold, so classes are balanced as far as whole
+    subjects allow, and the result depends only on the manifest and seed.
 
     Raises:
-      InputError: fold out of range, or fewer subjects than folds.
+      InputError: fold out of range, fewer subjects than folds, or (leave one
+        centre out) no `center` column or fewer than two centres.
     """
-    if not 0 <= fold < num_folds:
-        raise InputError(f"config field fold={fold} is out of range 0..{num_folds - 1}")
-    n_subjects = len(np.unique(records.subjects))
-    if n_subjects < num_folds:
-        raise InputError(f"{records.source}: {n_subjects} subjects cannot make {num_folds} subject-level folds")
-    outer = StratifiedGroupKFold(n_splits=num_folds, shuffle=True, random_state=seed)
-    inner = StratifiedGroupKFold(n_splits=max(2, round(1 / val_fraction)), shuffle=True, random_state=seed + 1)
+    n_inner = max(2, round(1 / val_fraction))
     with warnings.catch_warnings():
         # Rare classes in few subjects cannot be stratified exactly; "as far as subjects allow" is the goal.
         warnings.filterwarnings("ignore", "The least populated class", UserWarning)
-        rest, test = list(outer.split(records.paths, records.raw_labels, records.subjects))[fold]
+        if split == "leave_one_center_out":
+            names = center_names(records.source)
+            if len(names) < 2:
+                raise InputError(f"{records.source}: split='leave_one_center_out' needs two or more centres in "
+                                 f"column '{CENTER_COLUMN}', found {names}")
+            if not 0 <= fold < len(names):
+                raise InputError(f"config field fold={fold} is out of range 0..{len(names) - 1}: "
+                                 f"{records.source} has the centres {names}")
+            held_out = names[fold]
+            where = centers(records)
+            rest, test = np.flatnonzero(where != held_out), np.flatnonzero(where == held_out)
+            if len(np.unique(records.subjects[rest])) < n_inner:
+                raise InputError(f"{records.source}: the centres other than {held_out} hold fewer than {n_inner} "
+                                 "subjects, too few to split into train and validation")
+        else:
+            if not 0 <= fold < num_folds:
+                raise InputError(f"config field fold={fold} is out of range 0..{num_folds - 1}")
+            n_subjects = len(np.unique(records.subjects))
+            if n_subjects < num_folds:
+                raise InputError(f"{records.source}: {n_subjects} subjects cannot make {num_folds} subject-level folds")
+            outer = StratifiedGroupKFold(n_splits=num_folds, shuffle=True, random_state=seed)
+            rest, test = list(outer.split(records.paths, records.raw_labels, records.subjects))[fold]
+            held_out = ""
+        inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed + 1)
         tr, va = next(inner.split(rest, records.raw_labels[rest], records.subjects[rest]))
-    return Split(train=np.sort(rest[tr]), val=np.sort(rest[va]), test=np.sort(test))
+    return Split(train=np.sort(rest[tr]), val=np.sort(rest[va]), test=np.sort(test), held_out=held_out)
 
 
 def restrict(records: Records, split: Split, classes) -> tuple[Records, dict[str, Records]]:
@@ -194,11 +261,3 @@ def restrict(records: Records, split: Split, classes) -> tuple[Records, dict[str
         raise InputError(f"{records.source}: class(es) {empty} have no training images in this fold; "
                          "choose another fold or add subjects with these classes")
     return relabelled, parts
-
-
-def write_split(path: str, records: Records, split: Split) -> None:
-    """Writes the fold's subjects and image paths as JSON (for audit and predict)."""
-    out = {name: {"subjects": sorted(set(records.subjects[getattr(split, name)].tolist())),
-                  "paths": records.paths[getattr(split, name)].tolist()}
-           for name in ("train", "val", "test")}
-    epath.Path(path).write_text(json.dumps(out, indent=1))  # also gs://

@@ -63,6 +63,10 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     c.fold = 0
     c.num_folds = 5
     c.val_fraction = 0.25
+    # 'subject_kfold' (paper): test = fold `fold` of num_folds subject-level folds.
+    # 'leave_one_center_out': test = the manifest's `center` number `fold` (sorted names);
+    # num_folds is then unused and the folds are the centres.
+    c.split = "subject_kfold"
 
     c.data = ml_collections.ConfigDict()
     c.data.manifest = ""  # '' = the built-in synthetic set.
@@ -103,6 +107,13 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     c.optim.decay_at = 0.5  # lr /10 at half of the epochs (paper 4.2).
     c.optim.decay_factor = 0.1
 
+    # Evaluation (checked by decision.check_options). Off by default: the paper's argmax.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.tta = False  # average the logits of the 8 dihedral views in val, test and predict.
+    # 'argmax' (paper), 'prior' (subtract the training set's log class prior from the logits)
+    # or 'val' (a per-class logit bias fitted on the validation set for balanced accuracy).
+    c.eval.decision = "argmax"
+
     c.batch_size = 16  # global, split across devices.
     c.eval_batch_size = 64
     c.num_epochs = 8
@@ -129,3 +140,18 @@ def method_name(config: ml_collections.ConfigDict) -> str:
 def default_workdir(config: ml_collections.ConfigDict) -> str:
     """runs/<stage>/<method>/fold<k>: rerunning the same command resumes the same run."""
     return f"runs/{config.stage}/{method_name(config)}/fold{config.fold}"
+
+
+def field_defaults(stage: str) -> dict:
+    """{dotted field: default} of a stage: what a field added later meant for runs made before it."""
+    flat = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + k] = list(v) if isinstance(v, tuple) else v
+
+    walk(get_config(stage).to_dict(), "")
+    return flat

@@ -47,6 +47,9 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
         raise InputError(f"{path} is not valid JSON ({e})") from None
     if isinstance(raw, dict) and "seed" in raw:
         raw.setdefault("split_seed", raw["seed"])  # runs from before split_seed split with `seed`
+    if isinstance(raw, dict):  # runs from before these fields evaluated this way
+        raw.setdefault("split", "subject_kfold")
+        raw.setdefault("eval", {"tta": False, "decision": "argmax"})
     return ml_collections.ConfigDict(raw)
 
 
@@ -252,7 +255,9 @@ def merge_predictions(parent: np.ndarray, child: np.ndarray, child_classes) -> n
 
 
 def read_predictions(path: str) -> dict[str, np.ndarray]:
-    """A run's test_predictions.csv: paths, subjects, labels and preds (global ids), probs.
+    """A run's test_predictions.csv: paths, subjects, labels, preds (global ids), probs.
+
+    `pred_adjusted` (the prediction under the run's decision rule) comes too when the file has it.
 
     Raises:
       InputError: missing file or columns.
@@ -263,9 +268,12 @@ def read_predictions(path: str) -> dict[str, np.ndarray]:
     if not rows or not {"path", "label", "pred"} <= set(rows[0]):
         raise InputError(f"{path}: expected columns path,subject,label,pred,p_<class>...")
     prob_cols = [c for c in rows[0] if c.startswith("p_")]
-    return {"path": np.array([r["path"] for r in rows]), "subject": np.array([r.get("subject", "") for r in rows]),
-            "label": np.array([int(r["label"]) for r in rows]), "pred": np.array([int(r["pred"]) for r in rows]),
-            "probs": np.array([[float(r[c]) for c in prob_cols] for r in rows], np.float64).reshape(len(rows), -1)}
+    out = {"path": np.array([r["path"] for r in rows]), "subject": np.array([r.get("subject", "") for r in rows]),
+           "label": np.array([int(r["label"]) for r in rows]), "pred": np.array([int(r["pred"]) for r in rows]),
+           "probs": np.array([[float(r[c]) for c in prob_cols] for r in rows], np.float64).reshape(len(rows), -1)}
+    if "pred_adjusted" in rows[0]:  # runs made before decision rules lack it
+        out["pred_adjusted"] = np.array([int(r["pred_adjusted"]) for r in rows])
+    return out
 
 
 def merged_test_predictions(parent_dir: str, child_dirs) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,11 @@ next to it (one row per subject: number of glomeruli, % globally sclerotic,
 count per class). Globally sclerotic means obsolescent + solidified +
 disappearing for a five-class model, global_sclerosis for a binary one.
 
+Each model predicts under the decision rule stored with its run (`decision.json`,
+see `decision`: e.g. a class-prior or validation-fitted logit bias for balanced
+accuracy); `--argmax` ignores the rules and predicts the plain argmax. The
+probability columns are the network's softmax either way.
+
 A manifest needs a `path` column; `subject` and `label` are optional (a label
 is copied to the output for checking). Without a manifest every image under
 DIR is read and its subject is the name of its folder.
@@ -21,7 +26,7 @@ import os
 
 import numpy as np
 
-from circlemix_jax import cli, defaults, hierarchy
+from circlemix_jax import cli, decision, defaults, hierarchy
 from circlemix_jax.errors import InputError, exits_cleanly
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -61,7 +66,18 @@ def read_inputs(manifest: str | None, images: str | None) -> tuple[list[str], li
 
 
 def predict_probs(workdir: str, paths: list[str], decoded: dict, workers: int = 4) -> tuple[object, np.ndarray]:
-    """(the run's config, softmax probabilities (N, K) over its classes) from its best checkpoint.
+    """(the run's config, softmax probabilities (N, K) over its classes) from its best checkpoint."""
+    config, logits = predict_logits(workdir, paths, decoded, workers)
+    return config, _softmax(logits)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def predict_logits(workdir: str, paths: list[str], decoded: dict, workers: int = 4) -> tuple[object, np.ndarray]:
+    """(the run's config, logits (N, K) over its classes) from its best checkpoint.
 
     `decoded` caches the decoded images by size, so models sharing a size decode once.
     """
@@ -80,7 +96,7 @@ def predict_probs(workdir: str, paths: list[str], decoded: dict, workers: int = 
     images = decoded[size]
     batch = config.eval_batch_size - config.eval_batch_size % jax.device_count() or jax.device_count()
     logits = train.evaluate(eval_fn, state, images, np.zeros(len(paths), np.int32), batch, mesh)
-    return config, np.asarray(jax.nn.softmax(logits, axis=-1))
+    return config, np.asarray(logits, np.float64)
 
 
 def sclerotic_ids(class_names) -> list[int]:
@@ -88,21 +104,36 @@ def sclerotic_ids(class_names) -> list[int]:
     return [i for i, n in enumerate(class_names) if n in defaults.SCLEROTIC or n == "global_sclerosis"]
 
 
-def predict(workdir: str, children: list[str], paths: list[str], workers: int = 4) -> dict:
+def decide(workdir: str, logits: np.ndarray, use_rule: bool = True) -> tuple[np.ndarray, str]:
+    """(local class ids, a description of the decision) under the run's stored rule, or the argmax."""
+    rule = decision.load(os.path.join(workdir, decision.FILENAME)) if use_rule else None
+    if rule is None:
+        why = "--argmax" if not use_rule else f"no {decision.FILENAME}"
+        return logits.argmax(-1), f"plain argmax ({why})"
+    return decision.apply(rule, logits), f"decision rule '{rule.mode}' from {decision.FILENAME}"
+
+
+def predict(workdir: str, children: list[str], paths: list[str], workers: int = 4, use_rules: bool = True) -> dict:
     """Per-image predictions of a model, merged through its children in the given order.
+
+    Args:
+      use_rules: decide with each run's stored decision rule (False: the plain argmax).
 
     Returns:
       {class_names, classes (the parent's global ids), pred (global ids),
-      probs (N, K parent), children: [(stage, child classes, probs)]}.
+      probs (N, K parent), children: [(stage, child classes, probs)],
+      decisions: {workdir: how its predictions were decided}}.
 
     Raises:
       InputError: a child with another label space, or classes the parent lacks.
     """
     decoded = {}
-    config, probs = predict_probs(workdir, paths, decoded, workers)
+    config, logits = predict_logits(workdir, paths, decoded, workers)
     classes = np.asarray(config.classes)
-    pred = classes[probs.argmax(-1)]
-    out = {"class_names": list(config.class_names), "classes": classes, "probs": probs, "children": []}
+    local, how = decide(workdir, logits, use_rules)
+    pred = classes[local]
+    out = {"class_names": list(config.class_names), "classes": classes, "probs": _softmax(logits), "children": [],
+           "decisions": {workdir: how}}
     for child in children:
         child_config = hierarchy.load_run_config(child)
         if list(child_config.class_names) != list(config.class_names):
@@ -110,10 +141,11 @@ def predict(workdir: str, children: list[str], paths: list[str], workers: int = 
                              f"the model in --workdir {list(config.class_names)}")
         if not set(child_config.classes) <= set(config.classes):
             raise InputError(f"--child {child} has classes {list(child_config.classes)} that --workdir lacks")
-        _, child_probs = predict_probs(child, paths, decoded, workers)
+        _, child_logits = predict_logits(child, paths, decoded, workers)
         child_classes = np.asarray(child_config.classes)
-        pred = hierarchy.merge_predictions(pred, child_classes[child_probs.argmax(-1)], child_classes)
-        out["children"].append((child_config.stage, child_classes, child_probs))
+        child_local, out["decisions"][child] = decide(child, child_logits, use_rules)
+        pred = hierarchy.merge_predictions(pred, child_classes[child_local], child_classes)
+        out["children"].append((child_config.stage, child_classes, _softmax(child_logits)))
     out["pred"] = pred
     return out
 
@@ -173,6 +205,8 @@ def run() -> None:
     images = flags.DEFINE_string("images", None, "Folder of images; the subject is each image's folder name.")
     out = flags.DEFINE_string("out", None, "Per-image CSV; the per-subject summary goes to <out>_subjects.csv.")
     workers = flags.DEFINE_integer("workers", 4, "Decoding threads.")
+    argmax = flags.DEFINE_bool("argmax", False, "Ignore the runs' stored decision rules (decision.json) and "
+                               "predict the plain argmax.")
     flags.mark_flags_as_required(["workdir", "out"])
 
     @exits_cleanly
@@ -184,7 +218,9 @@ def run() -> None:
         cli.configure_compilation_cache()
         for d in [workdir.value, *children.value]:
             hierarchy.require_best_checkpoint(os.path.abspath(d), finished=False)
-        result = predict(workdir.value, children.value, paths, workers.value)
+        result = predict(workdir.value, children.value, paths, workers.value, use_rules=not argmax.value)
+        for run_dir, how in result["decisions"].items():
+            print(f"{run_dir}: {how}", flush=True)
         per_image, per_subject = write_outputs(out.value, paths, subjects, labels, result)
         for row in subject_summary(subjects, result["pred"], result["class_names"]):
             print(f"{row['subject']}: {row['glomeruli']} glomeruli, {row['pct_globally_sclerotic']}% globally "

@@ -1,7 +1,9 @@
 """Tables and figures of the cross-validated experiments (paper, Tables 1-2 and Figure 3).
 
-Pure functions of the per-fold rows that `experiments.collect` returns: no
-training code here, so the report can be rebuilt from finished runs alone.
+Pure functions of the per-fold rows that `experiments.collect` returns (and of
+the pooled scores `experiments.pooled_scores` computes from the runs' test
+predictions): no training code here, so the report can be rebuilt from finished
+runs alone. With several seeds, a fold's score is the mean over its seeds.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import warnings
 
 import numpy as np
 
-CSV_COLUMNS = ("fold", "method", "setting", "balanced_accuracy", "balanced_f1", "accuracy", "num_examples")
+CSV_COLUMNS = ("fold", "seed", "method", "setting", "test_center", "balanced_accuracy", "balanced_f1", "accuracy",
+               "num_examples", "adjusted_balanced_accuracy", "adjusted_balanced_f1", "ci_low", "ci_high",
+               "adjusted_ci_low", "adjusted_ci_high")
+# The fold and seed of a pooled row in results.csv: every fold's test predictions, the mean over seeds.
+POOLED = "pooled"
 METRICS = (("balanced_accuracy", "ACC"), ("balanced_f1", "F1"))
 TABLE1 = (("binary", "Binary"), ("C5", "Five-class"))
 TABLE2 = (("C5", "C5"), ("C5+NC2", "C5+NC2"), ("C5+C3", "C5+C3"), ("C5+C2", "C5+C2"))
@@ -20,18 +26,97 @@ BASELINE = "baseline"
 MIN_PAIRS_FOR_TEST = 5
 
 
-def write_csv(rows: list[dict], path: str) -> str:
-    """One row per fold x method x setting."""
+def write_csv(rows: list[dict], path: str, pooled: list[dict] = ()) -> str:
+    """One row per fold x seed x method x setting, then one pooled row per method x setting.
+
+    Pooled rows have fold and seed 'pooled' and the subject-bootstrap interval in
+    ci_low/ci_high (adjusted_ci_* for the decision rule); adjusted_* are empty for
+    runs made without a stored decision rule.
+    """
+    def cell(v):
+        return "" if v is None else f"{v:.6f}" if isinstance(v, float) else v
+
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
-        for r in sorted(rows, key=lambda r: (r["setting"], r["method"], r["fold"])):
-            w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in CSV_COLUMNS})
+        for r in sorted(rows, key=lambda r: (r["setting"], r["method"], r["seed"], r["fold"])):
+            w.writerow({k: cell(r.get(k)) for k in CSV_COLUMNS})
+        for r in pooled:
+            w.writerow({k: cell(r.get(k)) for k in CSV_COLUMNS} | {"fold": POOLED, "seed": POOLED})
     return path
 
 
 def _scores(rows: list[dict], method: str, setting: str, metric: str) -> dict[int, float]:
-    return {r["fold"]: r[metric] for r in rows if r["method"] == method and r["setting"] == setting}
+    """{fold: the mean over its seeds} of one method and setting (folds whose metric is missing are left out)."""
+    per_fold = {}
+    for r in rows:
+        if r["method"] == method and r["setting"] == setting and r.get(metric) is not None:
+            per_fold.setdefault(r["fold"], []).append(r[metric])
+    return {f: float(np.mean(v)) for f, v in per_fold.items()}
+
+
+def _setting_rank(setting: str) -> int:
+    """Tables list the settings as the paper does: binary, C5, then C5 with each child."""
+    order = [s for s, _ in TABLE1 + TABLE2[1:]]
+    return order.index(setting) if setting in order else len(order)
+
+
+def _pct(v) -> str:
+    return "–" if v is None or not np.isfinite(v) else f"{100 * v:.1f}"
+
+
+def pooled_table(pooled: list[dict], rows: list[dict], methods: list[str]) -> str:
+    """Per setting and method: pooled balanced accuracy [95% subject-bootstrap interval], plain and
+    under the decision rule, then the spread over folds and over seeds."""
+    if not pooled:
+        return "_no test predictions to pool_\n"
+    lines = ["| Setting | Method | pooled ACC [95% CI] | pooled ACC, decision rule [95% CI] | folds mean ± std | "
+             "seeds mean ± std | folds | seeds | images | subjects |", "|" + "---|" * 10]
+    order = {m: i for i, m in enumerate(methods)}
+    for r in sorted(pooled, key=lambda r: (_setting_rank(r["setting"]), order.get(r["method"], 99))):
+        folds = _scores(rows, r["method"], r["setting"], "balanced_accuracy")
+        adjusted = ("–" if r["adjusted_balanced_accuracy"] is None else
+                    f"{_pct(r['adjusted_balanced_accuracy'])} [{_pct(r['adjusted_ci_low'])}, "
+                    f"{_pct(r['adjusted_ci_high'])}]")
+        lines.append(f"| {r['setting']} | {r['method']} | {_pct(r['balanced_accuracy'])} [{_pct(r['ci_low'])}, "
+                     f"{_pct(r['ci_high'])}] | {adjusted} | {mean_std(folds.values())} | "
+                     f"{mean_std(r['seed_scores'])} | {len(folds)} | {r['seeds']} | {r['num_examples']} | "
+                     f"{r['subjects']} |")
+    return "\n".join(lines) + "\n"
+
+
+def centre_table(rows: list[dict], methods: list[str]) -> str:
+    """Leave-one-centre-out: each held-out centre's balanced accuracy (mean over seeds), plain / rule."""
+    held = sorted({r["test_center"] for r in rows if r.get("test_center")})
+    if not held:
+        return ""
+    settings = [s for s, _ in TABLE1 + TABLE2[1:] if any(r["setting"] == s for r in rows)]
+    lines = ["| Setting | Method | " + " | ".join(held) + " |", "|" + "---|" * (len(held) + 2)]
+    for s in settings:
+        for m in methods:
+            cells = []
+            for c in held:
+                sel = [r for r in rows if r["setting"] == s and r["method"] == m and r.get("test_center") == c]
+                plain = [r["balanced_accuracy"] for r in sel]
+                adj = [r["adjusted_balanced_accuracy"] for r in sel if r["adjusted_balanced_accuracy"] is not None]
+                cells.append("–" if not plain else f"{_pct(np.mean(plain))} / {_pct(np.mean(adj)) if adj else '–'}")
+            lines.append(f"| {s} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def recall_table(centres: dict, methods: list[str]) -> str:
+    """Sclerotic recall per centre: {(setting, method): {centre: (found, total)}} as found/total (%)."""
+    names = sorted({c for per in centres.values() for c in per})
+    if not names:
+        return ""
+    lines = ["| Setting | Method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    order = {m: i for i, m in enumerate(methods)}
+    for (setting, method), per in sorted(centres.items(),
+                                         key=lambda kv: (_setting_rank(kv[0][0]), order.get(kv[0][1], 99))):
+        cells = [f"{per[c][0]}/{per[c][1]} ({100 * per[c][0] / per[c][1]:.0f}%)" if c in per and per[c][1] else "–"
+                 for c in names]
+        lines.append(f"| {setting} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def mean_std(values) -> str:
@@ -83,16 +168,26 @@ def paired(base: dict[int, float], other: dict[int, float]) -> dict:
             "improved": int((d > 0).sum()), "p": p}
 
 
-def comparison_table(rows: list[dict], methods: list[str]) -> str:
-    """Each method against the baseline, fold by fold, for every setting that has both."""
+def comparison_table(rows: list[dict], methods: list[str], differences: dict | None = None) -> str:
+    """Each method against the baseline, fold by fold, for every setting that has both.
+
+    Args:
+      differences: {(setting, method): `bootstrap.paired_difference` of the pooled
+        balanced accuracy against the baseline}, shown as a last column.
+    """
     if BASELINE not in methods:
         return "_the baseline was not run, so there is nothing to compare against_\n"
+    differences = differences or {}
     others = [m for m in methods if m != BASELINE]
     settings = [s for s, _ in TABLE1 + TABLE2[1:] if any(r["setting"] == s for r in rows)]
-    lines = ["| Method | Setting | ΔACC (pp) | ACC better | p (ACC) | ΔF1 (pp) | F1 better | p (F1) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| Method | Setting | ΔACC (pp) | ACC better | p (ACC) | ΔF1 (pp) | F1 better | p (F1) | "
+             "pooled ΔACC (pp) [95% CI] |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method in others:
         for s in settings:
+            d = differences.get((s, method))
+            pooled = "–" if d is None else (f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, "
+                                            f"{100 * d['high']:+.1f}]")
             cells = []
             for metric, _ in METRICS:
                 c = paired(_scores(rows, BASELINE, s, metric), _scores(rows, method, s, metric))
@@ -101,28 +196,58 @@ def comparison_table(rows: list[dict], methods: list[str]) -> str:
                     continue
                 cells += [f"{c['mean_diff']:+.1f}", f"{c['improved']}/{c['n']}",
                           "–" if c["p"] is None else f"{c['p']:.3f}"]
-            lines.append(f"| {method} | {s} | " + " | ".join(cells) + " |")
+            lines.append(f"| {method} | {s} | " + " | ".join(cells) + f" | {pooled} |")
     return "\n".join(lines) + "\n"
 
 
-def markdown(rows: list[dict], methods: list[str], header: list[str], figures: list[str]) -> str:
-    """The whole results.md."""
+def markdown(rows: list[dict], methods: list[str], header: list[str], figures: list[str],
+             pooled: list[dict] = (), differences: dict | None = None, centres: dict | None = None) -> str:
+    """The whole results.md.
+
+    Args:
+      rows: per-fold rows (`experiments.collect`).
+      methods: column order.
+      header: lines describing the settings.
+      figures: PNG names to embed.
+      pooled: pooled rows (`experiments.pooled_scores`).
+      differences: pooled paired differences against the baseline.
+      centres: sclerotic recall per centre (`experiments.centre_recall`).
+    """
     parts = ["# CircleMix: cross-validated results\n", *[f"{line}  " for line in header], "",
-             "Scores are percentages on the test folds: mean ± standard deviation over folds. "
+             "Scores are percentages on the test folds: mean ± standard deviation over folds (with several "
+             "seeds, each fold's score is the mean over its seeds). "
              "ACC is balanced accuracy (mean per-class recall), F1 is balanced F1 (macro one-vs-rest F1). "
              "C5+X is the five-class result after the child X re-decides the images C5 put into its classes "
              "(paper, section 3.2); it is scored on every test image.\n",
              "## Table 1. Non-hierarchical training\n", results_table(rows, methods, TABLE1),
              "## Table 2. Hierarchical training\n", results_table(rows, methods, TABLE2),
+             "## Pooled over the folds, with subject-bootstrap intervals\n",
+             "ACC pooled over every test prediction of the folds (each image once per seed; with several seeds, "
+             "the mean over seeds of each seed's pooled ACC). The 95% interval is the percentile interval of a "
+             "bootstrap that resamples subjects (slides), not images: a slide's images share its stain, scanner "
+             "and patient. 'Decision rule' is the same under each run's stored rule (eval.decision; the plain "
+             "argmax when that is 'argmax'). Folds mean ± std is over folds of each fold's ACC (mean over seeds); "
+             "seeds mean ± std is over seeds of the pooled ACC.\n",
+             pooled_table(list(pooled), rows, methods),
              "## Paired comparison against the baseline\n",
              "Per fold, the same test images: Δ is the mean over folds of (method − baseline) in percentage points, "
              "'better' counts the folds where the method scores higher, and p is the two-sided Wilcoxon "
              f"signed-rank test over folds (only with ≥ {MIN_PAIRS_FOR_TEST} folds; with 5 folds the smallest "
-             "possible p is 0.0625, so read it as a sign of consistency, not as proof).\n",
-             comparison_table(rows, methods)]
+             "possible p is 0.0625, so read it as a sign of consistency, not as proof). With several seeds each "
+             "fold's score is the mean over its seeds. The pooled Δ is the difference of pooled ACC on the images "
+             "both methods predicted, with a paired subject-bootstrap interval (the same slides drawn for both).\n",
+             comparison_table(rows, methods, differences)]
+    loco = centre_table(rows, methods)
+    if loco:
+        parts += ["## Leave one centre out\n", "Each held-out centre's ACC (mean over seeds): plain argmax / "
+                  "under the decision rule.\n", loco]
+    recall = recall_table(centres or {}, methods)
+    if recall:
+        parts += ["## Sclerotic recall per centre\n", "Globally sclerotic test images predicted sclerotic "
+                  "(plain argmax), pooled over folds and seeds, by the manifest's `center`.\n", recall]
     if figures:
-        parts += ["## Confusion matrices\n", "Summed over the test folds (every image counted once); rows are the "
-                  "truth, colour is the row-normalised rate.\n", *[f"![{f}]({f})\n" for f in figures]]
+        parts += ["## Confusion matrices\n", "Summed over the test folds (every image counted once per seed); "
+                  "rows are the truth, colour is the row-normalised rate.\n", *[f"![{f}]({f})\n" for f in figures]]
     return "\n".join(parts)
 
 

@@ -73,13 +73,16 @@ def flatten_dict(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_config(workdir: str, config_json: str, ignore: tuple[str, ...]) -> None:
+def check_config(workdir: str, config_json: str, ignore: tuple[str, ...], added: dict | None = None) -> None:
     """Refuses to resume a workdir that holds a run with a different config.
 
     Args:
       workdir: the run folder.
       config_json: the new run's resolved config as JSON.
       ignore: dotted fields (or prefixes) that may differ between runs.
+      added: {dotted field: value} of fields newer than some runs. A field that an older
+        run's config lacks matches when it holds this value, which reproduces what
+        the code did before the field existed (new features are off by default).
 
     Raises:
       InputError: listing the differing fields and how to start fresh.
@@ -88,12 +91,18 @@ def check_config(workdir: str, config_json: str, ignore: tuple[str, ...]) -> Non
     if old is None:
         return
     old, new = flatten_dict(old), flatten_dict(json.loads(config_json))
+    added = added or {}
     diff = sorted(k for k in set(old) | set(new)
-                  if old.get(k) != new.get(k) and not any(k == i or k.startswith(i + ".") for i in ignore))
+                  if old.get(k) != new.get(k) and not any(k == i or k.startswith(i + ".") for i in ignore)
+                  and not (k not in old and k in added and _same(new.get(k), added[k])))
     if diff:
         shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
         raise InputError(f"{workdir} holds a run with a different config ({shown}); "
                          "use another --workdir, or delete that folder to start fresh")
+
+
+def _same(a, b) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 # --- data identity --------------------------------------------------------------------------------
@@ -112,6 +121,8 @@ def split_record(records, split) -> dict:
         out[name] = {"subjects": sorted(set(records.subjects[idx].tolist())),
                      "paths": records.paths[idx].tolist(),
                      "rows_sha256": hashlib.sha256(rows.encode()).hexdigest()}
+    if getattr(split, "held_out", None):
+        out["held_out_center"] = split.held_out
     return out
 
 

@@ -160,15 +160,39 @@ def eval_pieces(batch: int, backend: str | None = None, cores: int | None = None
     return max(d for d in range(1, min(per_device, _MAX_EVAL_PIECES, max(batch, 1)) + 1) if batch % d == 0)
 
 
+def tta_views(x: jax.Array) -> list[jax.Array]:
+    """The 8 dihedral views of a square NHWC batch: rotations by 0-270 degrees, each also mirrored.
+
+    Glomeruli have no preferred orientation, and these are the symmetries of the
+    pixel grid itself: no interpolation, so every view is exactly the image.
+    """
+    if x.shape[1] != x.shape[2]:
+        raise ValueError(f"dihedral views need square images, got {x.shape[1]}x{x.shape[2]}")
+    rotations = [jnp.rot90(x, k, axes=(1, 2)) for k in range(4)]
+    return rotations + [jnp.flip(r, axis=2) for r in rotations]
+
+
 def eval_step(state: TrainState, images: jax.Array, *, config, model: EfficientNetB0) -> jax.Array:
-    """Logits of one device's shard with running BatchNorm statistics (see `eval_pieces`)."""
+    """Logits of one device's shard with running BatchNorm statistics (see `eval_pieces`).
+
+    With `config.eval.tta` they are the mean of the logits of the 8 `tta_views`.
+    """
     x = images.astype(jnp.float32) / 255.0
     x = (x - jnp.asarray(config.data.mean)) / jnp.asarray(config.data.std)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    # A Python loop, not lax.map: the pieces must be independent ops that XLA can run
-    # concurrently, and a loop primitive would run them one after another.
-    pieces = jnp.split(x, eval_pieces(x.shape[0]))
-    return jnp.concatenate([model.apply(variables, piece, train=False) for piece in pieces])
+
+    def forward(x):
+        # A Python loop, not lax.map: the pieces must be independent ops that XLA can run
+        # concurrently, and a loop primitive would run them one after another.
+        pieces = jnp.split(x, eval_pieces(x.shape[0]))
+        return jnp.concatenate([model.apply(variables, piece, train=False) for piece in pieces])
+
+    if not config.eval.tta:
+        return forward(x)
+    # lax.map over the views, not a Python loop or one 8x batch: the compiled program keeps
+    # one copy of the network and the activations of one batch, at the price of running
+    # the views one after another.
+    return lax.map(forward, jnp.stack(tta_views(x))).mean(axis=0)
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

@@ -26,8 +26,10 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from circlemix_jax import augment, checkpoint, config_check, data, hierarchy, pipeline, rundir, step as steplib
+from circlemix_jax import augment, checkpoint, config_check, data, decision, hierarchy, pipeline, rundir
+from circlemix_jax import step as steplib
 from circlemix_jax.cli import StopRequest, install_stop_handlers
+from circlemix_jax import defaults
 from circlemix_jax.defaults import method_name
 from circlemix_jax.errors import InputError
 from circlemix_jax.metrics import classification_metrics
@@ -77,7 +79,8 @@ def load_fold(config):
     records = data.read_manifest(data.manifest_path(config), config.class_names, config.data.label_map.to_dict())
     if not config.data.manifest:
         log("DATA: the built-in SYNTHETIC glomerulus set (set --config.data.manifest=PATH for real data)")
-    split = data.make_split(records, config.fold, config.num_folds, config.val_fraction, config.split_seed)
+    split = data.make_split(records, config.fold, config.num_folds, config.val_fraction, config.split_seed,
+                            config.split)
     _, parts = data.restrict(records, split, config.classes)
     return records, split, parts
 
@@ -98,7 +101,7 @@ def check(config, workdir: str) -> Inputs | dict:
     config_check.check_run_config(config, jax.device_count())
     workdir = rundir.absolute(workdir)
     config_json = config.to_json_best_effort(indent=1, sort_keys=True)
-    rundir.check_config(workdir, config_json, rundir.EXECUTION_FIELDS)
+    rundir.check_config(workdir, config_json, rundir.EXECUTION_FIELDS, defaults.field_defaults(config.stage))
     finished = rundir.read_json(os.path.join(workdir, rundir.METRICS), "the run's test metrics")
     if finished is not None:
         log(f"{workdir} is already finished; test balanced_accuracy={finished.get('balanced_accuracy', 0):.4f} "
@@ -252,7 +255,8 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
         finally:
             ckpts.close()
         logits = test(inputs, machinery, best)
-        return write(inputs, progress, logits)
+        rule = fit_decision(inputs, machinery, best)
+        return write(inputs, progress, logits, rule)
 
 
 def _save_and_stop(ckpts, step: int, state, progress, stop: StopRequest, workdir: str):
@@ -349,25 +353,50 @@ def test(inputs: Inputs, m: Machinery, best) -> np.ndarray:
                     m.mesh)
 
 
-def write(inputs: Inputs, progress: dict, logits: np.ndarray) -> dict:
-    """Writes test_predictions.csv and metrics.json (which marks the run finished); returns the metrics."""
+def fit_decision(inputs: Inputs, m: Machinery, best) -> decision.Rule:
+    """The run's decision rule (decision.py), from the best checkpoint's validation logits."""
+    config = inputs.config
+    if config.eval.decision == "argmax":  # nothing to fit: skip the extra validation pass
+        return decision.Rule("argmax", (0.0,) * len(config.classes))
+    val_y = inputs.parts["val"].labels
+    val_logits = evaluate(m.eval_fn, best, inputs.images["val"], val_y, config.eval_batch_size, m.mesh)
+    return decision.fit(config.eval.decision, val_logits, val_y, inputs.parts["train"].labels, len(config.classes))
+
+
+def write(inputs: Inputs, progress: dict, logits: np.ndarray, rule: decision.Rule) -> dict:
+    """Writes decision.json, test_predictions.csv and metrics.json (which marks the run finished).
+
+    Returns:
+      The test metrics: the top-level scores are the plain argmax's (the paper's decision);
+      `adjusted` holds the same metrics under the stored decision rule, which predict applies.
+    """
     config, workdir = inputs.config, inputs.workdir
-    _write_predictions(os.path.join(workdir, "test_predictions.csv"), config, inputs.test_records, logits)
+    adjusted = decision.apply(rule, logits)
+    if jax.process_index() == 0:
+        decision.save(os.path.join(workdir, decision.FILENAME), rule)
+    _write_predictions(os.path.join(workdir, "test_predictions.csv"), config, inputs.test_records, logits, adjusted)
     to_local = np.full(len(config.class_names), -1)
     to_local[list(config.classes)] = np.arange(len(config.classes))
     local = to_local[inputs.test_records.labels]
     in_stage = local >= 0
-    metrics = classification_metrics(local[in_stage], logits[in_stage].argmax(-1), inputs.parts["test"].class_names)
+    names = inputs.parts["test"].class_names
+    metrics = classification_metrics(local[in_stage], logits[in_stage].argmax(-1), names)
+    metrics["adjusted"] = classification_metrics(local[in_stage], adjusted[in_stage], names)
+    metrics["decision"] = dataclasses.asdict(rule)
     metrics.update(best_epoch=progress["best_epoch"], best_val_balanced_accuracy=progress["best_val_balanced_accuracy"],
                    stage=config.stage, method=method_name(config), fold=config.fold)
+    if inputs.split.held_out:
+        metrics["test_center"] = inputs.split.held_out
     if jax.process_index() == 0:
         rundir.write_json(os.path.join(workdir, rundir.METRICS), metrics)
     per_class = "; ".join(f"{n}: recall {v['recall']:.3f} precision {v['precision']:.3f} (n={v['support']})"
                           for n, v in metrics["per_class"].items())
     log(f"TEST fold {config.fold} (best epoch {progress['best_epoch'] + 1}): balanced_accuracy="
-        f"{metrics['balanced_accuracy']:.4f} balanced_f1={metrics['balanced_f1']:.4f}\n{per_class}\n"
-        f"confusion matrix (rows = truth: {', '.join(metrics['class_names'])}):\n{np.array(metrics['confusion_matrix'])}")
-    log(f"wrote {workdir}/metrics.json, test_predictions.csv, split.json, config.json, checkpoints/, events")
+        f"{metrics['balanced_accuracy']:.4f} balanced_f1={metrics['balanced_f1']:.4f}; under the decision rule "
+        f"'{rule.mode}': balanced_accuracy={metrics['adjusted']['balanced_accuracy']:.4f}\n{per_class}\n"
+        f"confusion matrix (rows = truth: {', '.join(names)}):\n{np.array(metrics['confusion_matrix'])}")
+    log(f"wrote {workdir}/metrics.json, decision.json, test_predictions.csv, split.json, config.json, "
+        "checkpoints/, events")
     return metrics
 
 
@@ -409,8 +438,12 @@ def _log_mixed_batch(config, mesh, images, labels, rng, writer) -> None:
     writer.image(0, "train/mixed_batch", (np.concatenate(list(x[: min(8, n)]), axis=1) * 255).astype(np.uint8))
 
 
-def _write_predictions(path: str, config, records, logits: np.ndarray) -> None:
-    """Per-image test probabilities over the stage's classes, with global class ids."""
+def _write_predictions(path: str, config, records, logits: np.ndarray, adjusted: np.ndarray) -> None:
+    """Per-image test probabilities over the stage's classes, with global class ids.
+
+    `pred` is the argmax, `pred_adjusted` the prediction under the run's decision rule
+    (`adjusted`: local ids).
+    """
     if jax.process_index() != 0:
         return
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
@@ -418,7 +451,7 @@ def _write_predictions(path: str, config, records, logits: np.ndarray) -> None:
     names = tuple(config.class_names[c] for c in config.classes)
     f = io.StringIO(newline="")
     w = csv.writer(f)
-    w.writerow(["path", "subject", "label", "pred"] + [f"p_{n}" for n in names])
-    for p, s, y, pr in zip(records.paths, records.subjects, records.labels, probs):
-        w.writerow([p, s, int(y), int(classes[pr.argmax()])] + [f"{v:.6f}" for v in pr])
+    w.writerow(["path", "subject", "label", "pred", "pred_adjusted"] + [f"p_{n}" for n in names])
+    for p, s, y, pr, a in zip(records.paths, records.subjects, records.labels, probs, adjusted):
+        w.writerow([p, s, int(y), int(classes[pr.argmax()]), int(classes[a])] + [f"{v:.6f}" for v in pr])
     epath.Path(path).write_text(f.getvalue())
