@@ -187,8 +187,8 @@ def figure(images, result: dict, class_names, truths, header: list[str], path: s
     n = len(images)
     cols = min(n, per_row)
     rows = -(-n // cols)
-    header_in = 0.17 * len(header) + 0.1  # inches of text above the grid
-    height = 2.5 * rows + header_in
+    header_in = 0.15 * len(header) + 0.05  # inches of text above the grid
+    height = 2.6 * rows + header_in
     fig, axes = plt.subplots(rows, 2 * cols, figsize=(2.2 * 2 * cols, height), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
@@ -207,7 +207,7 @@ def figure(images, result: dict, class_names, truths, header: list[str], path: s
         right.set_title(title, fontsize=8, color="black" if truths is None or truths[i] == class_names[pred]
                         else "firebrick")
     fig.suptitle("\n".join(header), fontsize=8, ha="left", va="top", x=0.01, y=0.995)
-    fig.tight_layout(rect=(0, 0, 1, 1 - header_in / height), h_pad=1.2)
+    fig.tight_layout(rect=(0, 0, 1, 1 - header_in / height), h_pad=2.0)
     try:
         fig.savefig(path, dpi=90)
     except OSError as e:
