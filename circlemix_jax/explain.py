@@ -200,10 +200,13 @@ def figure(images, result: dict, class_names, truths, header: list[str], path: s
         left.imshow(images[i])
         left.set_title(f"true: {truths[i]}" if truths is not None else "(no label)", fontsize=8)
         right.imshow(images[i])
-        right.imshow(result["overlay"][i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
         title = f"pred: {class_names[pred]} {probs[pred]:.2f}"
         if t != pred:
             title += f"\nmap of {class_names[t]}"
+        if result["cam"][i].max() > 0:
+            right.imshow(result["overlay"][i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        else:  # every position speaks against the class: an all-blue overlay would look like a map
+            title += " (no evidence)"
         right.set_title(title, fontsize=8, color="black" if truths is None or truths[i] == class_names[pred]
                         else "firebrick")
     fig.suptitle("\n".join(header), fontsize=8, ha="left", va="top", x=0.01, y=0.995)
