@@ -144,14 +144,6 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
 
 def field_defaults(stage: str) -> dict:
     """{dotted field: default} of a stage: what a field added later meant for runs made before it."""
-    flat = {}
+    from circlemix_jax.rundir import flatten_dict  # noqa: PLC0415 - keeps configs/ importing only this module
 
-    def walk(d, prefix):
-        for k, v in d.items():
-            if isinstance(v, dict) and v:
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[prefix + k] = list(v) if isinstance(v, tuple) else v
-
-    walk(get_config(stage).to_dict(), "")
-    return flat
+    return flatten_dict(get_config(stage).to_dict())

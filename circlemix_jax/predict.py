@@ -6,7 +6,10 @@
 Writes `preds.csv` (one row per image: class probabilities, the predicted class
 id and name, merged through the children when given) and `preds_subjects.csv`
 next to it (one row per subject: number of glomeruli, % globally sclerotic,
-count per class). Globally sclerotic means obsolescent + solidified +
+count per class, and the model's provenance in `model_*` columns). Before the
+percentages it prints where each model came from (stage, method, data, image
+size, epochs, test balanced accuracy) and a WARNING line for a model trained on
+the synthetic set, a smoke-test model or an unfinished run. Globally sclerotic means obsolescent + solidified +
 disappearing for a five-class model, global_sclerosis for a binary one.
 
 Each model predicts under the decision rule stored with its run (`decision.json`,
@@ -26,7 +29,7 @@ import os
 
 import numpy as np
 
-from circlemix_jax import cli, decision, defaults, hierarchy
+from circlemix_jax import cli, decision, defaults, hierarchy, provenance
 from circlemix_jax.errors import InputError, exits_cleanly
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -150,8 +153,12 @@ def predict(workdir: str, children: list[str], paths: list[str], workers: int = 
     return out
 
 
-def write_outputs(out_path: str, paths, subjects, labels, result: dict) -> tuple[str, str]:
-    """Writes the per-image CSV and the per-subject summary next to it; returns both paths."""
+def write_outputs(out_path: str, paths, subjects, labels, result: dict,
+                  model_columns: dict | None = None) -> tuple[str, str]:
+    """Writes the per-image CSV and the per-subject summary next to it; returns both paths.
+
+    `model_columns` (`provenance_columns`) are appended to every per-subject row.
+    """
     names = result["class_names"]
     header = ["path", "subject"] + (["label"] if labels is not None else []) + ["pred", "pred_name"]
     header += [f"p_{names[c]}" for c in result["classes"]]
@@ -170,7 +177,7 @@ def write_outputs(out_path: str, paths, subjects, labels, result: dict) -> tuple
                     row += [f"{v:.6f}" for v in child_probs[i]]
                 w.writerow(row)
         subjects_path = os.path.splitext(out_path)[0] + "_subjects.csv"
-        summary = subject_summary(subjects, result["pred"], names)
+        summary = [{**row, **(model_columns or {})} for row in subject_summary(subjects, result["pred"], names)]
         with open(subjects_path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(summary[0]))
             w.writeheader()
@@ -193,6 +200,22 @@ def subject_summary(subjects, pred: np.ndarray, class_names) -> list[dict]:
         row.update({f"n_{name}": int((p == i).sum()) for i, name in enumerate(class_names)})
         rows.append(row)
     return rows
+
+
+def provenance_columns(workdir: str, children) -> dict:
+    """The per-subject CSV's `model_*` columns: the --workdir model's provenance and its children's folders."""
+    return {**provenance.columns(provenance.describe(workdir)),
+            "model_children": ";".join(os.path.abspath(c) for c in children)}
+
+
+def print_provenance(workdirs) -> None:
+    """One MODEL line per model, then every WARNING, so a smoke or synthetic model cannot go unnoticed."""
+    described = [provenance.describe(d) for d in workdirs]
+    for prov in described:
+        print(provenance.line(prov), flush=True)
+    for prov in described:
+        for warning in provenance.warnings(prov):
+            print(warning, flush=True)
 
 
 def run() -> None:
@@ -219,9 +242,11 @@ def run() -> None:
         for d in [workdir.value, *children.value]:
             hierarchy.require_best_checkpoint(os.path.abspath(d), finished=False)
         result = predict(workdir.value, children.value, paths, workers.value, use_rules=not argmax.value)
+        print_provenance([workdir.value, *children.value])  # right above the percentages it qualifies
         for run_dir, how in result["decisions"].items():
             print(f"{run_dir}: {how}", flush=True)
-        per_image, per_subject = write_outputs(out.value, paths, subjects, labels, result)
+        per_image, per_subject = write_outputs(out.value, paths, subjects, labels, result,
+                                               provenance_columns(workdir.value, children.value))
         for row in subject_summary(subjects, result["pred"], result["class_names"]):
             print(f"{row['subject']}: {row['glomeruli']} glomeruli, {row['pct_globally_sclerotic']}% globally "
                   "sclerotic", flush=True)

@@ -247,12 +247,93 @@ def markdown(rows: list[dict], methods: list[str], header: list[str], figures: l
                   "(plain argmax), pooled over folds and seeds, by the manifest's `center`.\n", recall]
     if figures:
         parts += ["## Confusion matrices\n", "Summed over the test folds (every image counted once per seed); "
-                  "rows are the truth, colour is the row-normalised rate.\n", *[f"![{f}]({f})\n" for f in figures]]
+                  "rows are the truth; each cell gives the count and its share of the row (the recall on the "
+                  "diagonal), and the colour is that share.\n", *[f"![{f}]({f})\n" for f in figures]]
     return "\n".join(parts)
+
+
+def _pyplot():
+    import matplotlib  # noqa: PLC0415 - only figures need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def draw_confusion(ax, counts, class_names, title: str | None = None, colorbar: bool = True):
+    """Draws one confusion matrix the way a pathologist reads it.
+
+    Rows are the truth, columns the prediction, both labelled with class names.
+    Each cell shows its count and its share of the row (the recall on the
+    diagonal); the colour is that row share, so a rare class's errors are as
+    visible as a common class's.
+
+    Args:
+      ax: a matplotlib Axes.
+      counts: (K, K) confusion counts, rows = truth.
+      class_names: K names.
+      title: drawn above the matrix.
+      colorbar: adds a colour bar of the row share beside the matrix.
+
+    Returns:
+      The image artist (for a shared colour bar).
+    """
+    cm = np.asarray(counts, np.int64)
+    k = len(cm)
+    rate = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    image = ax.imshow(rate, cmap="Blues", vmin=0, vmax=1)
+    small = k > 3  # five classes need a smaller font to fit count and percentage
+    for (r, c), n in np.ndenumerate(cm):
+        ax.text(c, r, f"{n}\n{100 * rate[r, c]:.0f}%", ha="center", va="center", fontsize=7 if small else 9,
+                color="white" if rate[r, c] > 0.6 else "black")
+    labels = [n.replace("_", " ") for n in class_names]
+    ax.set_xticks(range(k), labels, rotation=30 if small else 0, ha="right" if small else "center", fontsize=8)
+    ax.set_yticks(range(k), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=10)
+    if colorbar:
+        bar = ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        bar.set_label("share of the true class", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    return image
+
+
+def confusion_figure(counts, class_names, title: str | None = None, path: str | None = None) -> np.ndarray:
+    """One confusion matrix as an RGB image (and a PNG when `path` is given).
+
+    The single figure used by the report, TensorBoard and the docs.
+
+    Args:
+      counts: (K, K) confusion counts, rows = truth.
+      class_names: K names.
+      title: drawn above the matrix.
+      path: PNG to write, or None.
+
+    Returns:
+      (H, W, 3) uint8 RGB pixels of the figure.
+    """
+    plt = _pyplot()
+    k = len(class_names)
+    side = 2.6 + 0.55 * k
+    fig, ax = plt.subplots(figsize=(side + 1.3, side))
+    draw_confusion(ax, counts, class_names, title)
+    fig.tight_layout(pad=0.6)
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    if path:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return pixels
 
 
 def confusion_grid(matrices: dict, settings: list[str], methods: list[str], path: str) -> str:
     """A grid of confusion matrices like the paper's Figure 3: settings as rows, methods as columns.
+
+    Each panel is `draw_confusion` (class names, counts and row percentages);
+    one colour bar serves the whole grid, since every panel shares its 0-1 scale.
 
     Args:
       matrices: {(setting, method): (counts (K, K), class names)}.
@@ -263,14 +344,12 @@ def confusion_grid(matrices: dict, settings: list[str], methods: list[str], path
     Returns:
       `path`.
     """
-    import matplotlib  # noqa: PLC0415 - only the report needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, axes = plt.subplots(len(settings), len(methods), figsize=(3.2 * len(methods), 3.1 * len(settings) + 0.6),
+    plt = _pyplot()
+    k = max((len(np.asarray(cm)) for cm, _ in matrices.values()), default=2)
+    side = 2.4 + 0.5 * k
+    fig, axes = plt.subplots(len(settings), len(methods), figsize=(side * len(methods) + 1.2, side * len(settings)),
                              squeeze=False)
-    names = None
+    image = None
     for i, setting in enumerate(settings):
         for j, method in enumerate(methods):
             ax = axes[i][j]
@@ -279,24 +358,13 @@ def confusion_grid(matrices: dict, settings: list[str], methods: list[str], path
                 ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
                 continue
             cm, names = matrices[(setting, method)]
-            cm = np.asarray(cm)
-            rate = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-            ax.imshow(rate, cmap="Blues", vmin=0, vmax=1)
-            for (r, c), n in np.ndenumerate(cm):
-                ax.text(c, r, str(n), ha="center", va="center", fontsize=8,
-                        color="white" if rate[r, c] > 0.6 else "black")
-            k = len(cm)
-            ax.set_xticks(range(k), [str(x) for x in range(k)])
-            ax.set_yticks(range(k), [str(x) for x in range(k)])
-            if i == 0:
-                ax.set_title(method)
-            if j == 0:
-                ax.set_ylabel(f"{setting}\ntruth")
-            if i == len(settings) - 1:
-                ax.set_xlabel("prediction")
-    if names:
-        fig.text(0.5, 0.01, "   ".join(f"{i} = {n}" for i, n in enumerate(names)), ha="center", fontsize=8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+            image = draw_confusion(ax, cm, names, f"{setting}: {method}", colorbar=False)
+            if j > 0:
+                ax.set_ylabel("")
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    if image is not None:
+        bar = fig.colorbar(image, cax=fig.add_axes((0.91, 0.15, 0.012, 0.7)))
+        bar.set_label("share of the true class", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
