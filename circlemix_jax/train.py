@@ -14,6 +14,7 @@ command resumes the same run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -34,6 +35,7 @@ from circlemix_jax.defaults import method_name
 from circlemix_jax.errors import InputError
 from circlemix_jax.metrics import classification_metrics
 from circlemix_jax.progress import Progress, log
+from circlemix_jax import summary
 from circlemix_jax.summary import SummaryWriter
 
 
@@ -277,6 +279,7 @@ def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: Stop
     train_x, train_y = inputs.images["train"], inputs.parts["train"].labels
     val_x, val_y = inputs.images["val"], inputs.parts["val"].labels
     writer = SummaryWriter(inputs.workdir, enabled=jax.process_index() == 0)
+    writer.run_start(config)
     root_rng = jax.random.key(config.seed)
     multi = jax.process_count() > 1
     per_device = config.batch_size // jax.device_count()
@@ -323,6 +326,7 @@ def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: Stop
             meter.train_done(step)
             logits = evaluate(m.eval_fn, state, val_x, val_y, config.eval_batch_size, m.mesh)
             val = classification_metrics(val_y, logits.argmax(-1), inputs.parts["val"].class_names)
+            writer.evaluation(step, "val", val, loss=summary.cross_entropy(logits, val_y))
             improved = val["balanced_accuracy"] > progress["best_val_balanced_accuracy"]
             progress["epochs_done"] = epoch + 1
             progress["history"].append({"epoch": epoch + 1, "val_balanced_accuracy": val["balanced_accuracy"],
@@ -337,8 +341,8 @@ def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: Stop
             img_s = meter.end_epoch(epoch, config.num_epochs, step,
                                     f"val balanced_acc {val['balanced_accuracy']:.4f} f1 {val['balanced_f1']:.4f}"
                                     f"{' *best*' if improved else ''}")
-            writer.scalars(step, {"val/balanced_accuracy": val["balanced_accuracy"],
-                                  "val/balanced_f1": val["balanced_f1"], **({"train/img_per_s": img_s} if img_s else {})})
+            if img_s:
+                writer.scalars(step, {"train/img_per_s": img_s})
             writer.flush()
             if stop:
                 _save_and_stop(ckpts, step, state, progress, stop, inputs.workdir)
@@ -387,6 +391,10 @@ def write(inputs: Inputs, progress: dict, logits: np.ndarray, rule: decision.Rul
                    stage=config.stage, method=method_name(config), fold=config.fold)
     if inputs.split.held_out:
         metrics["test_center"] = inputs.split.held_out
+    last_step = inputs.steps_per_epoch * config.num_epochs
+    with contextlib.closing(SummaryWriter(workdir, enabled=jax.process_index() == 0)) as w:
+        w.evaluation(last_step, "test", metrics, loss=summary.cross_entropy(logits[in_stage], local[in_stage]))
+        w.run_end(last_step, final={"val/best_balanced_accuracy": progress["best_val_balanced_accuracy"]})
     if jax.process_index() == 0:
         rundir.write_json(os.path.join(workdir, rundir.METRICS), metrics)
     per_class = "; ".join(f"{n}: recall {v['recall']:.3f} precision {v['precision']:.3f} (n={v['support']})"
