@@ -120,29 +120,52 @@ def _crop_flip_coords(n, crop, offset, flip):
     return i0, i1, w
 
 
-def _augment_one(key, image, max_crop):
+def _reflect(i, n):
+    """Index i mirrored into [0, n) without repeating the edge (numpy 'reflect')."""
+    period = 2 * (n - 1)
+    i = jnp.mod(i, period)
+    return jnp.where(i >= n, period - i, i)
+
+
+def _augment_one(key, image, max_crop, transpose, translate):
     h, w = image.shape[:2]
     # One uniform draw for all five choices: each extra threefry call adds
     # compile time for no statistical benefit.
     u = jax.random.uniform(key, (5,))
     flip_h, flip_v = u[0] < 0.5, u[1] < 0.5
-    crop = _uniform_int(u[2], max_crop + 1)
-    off_y = _uniform_int(u[3], crop + 1).astype(jnp.float32)
-    off_x = _uniform_int(u[4], crop + 1).astype(jnp.float32)
     x = image.astype(jnp.float32)
-    # Bilinear resize by two row/column gathers: O(HWC) work. A dense
-    # interpolation matmul (what jax.image.scale_and_translate does) costs
-    # O(H^2 WC) and measured 5x slower at 256 px on CPU.
-    i0, i1, wy = _crop_flip_coords(h, crop, off_y, flip_v)
-    x = (jnp.take(x, i0, axis=0, mode="clip") * (1.0 - wy)[:, None, None]
-         + jnp.take(x, i1, axis=0, mode="clip") * wy[:, None, None])
-    j0, j1, wx = _crop_flip_coords(w, crop, off_x, flip_h)
-    x = (jnp.take(x, j0, axis=1, mode="clip") * (1.0 - wx)[None, :, None]
-         + jnp.take(x, j1, axis=1, mode="clip") * wx[None, :, None])
+    if translate:
+        # Reflect-pad by max_crop // 2 and crop back to size: a pure shift, no zoom,
+        # exact pixels (the PyTorch recipes' RandomCrop(size, padding, 'reflect')).
+        pad = max_crop // 2
+        rows = _reflect(jnp.arange(h) + _uniform_int(u[3], 2 * pad + 1) - pad, h)
+        cols = _reflect(jnp.arange(w) + _uniform_int(u[4], 2 * pad + 1) - pad, w)
+        rows = jnp.where(flip_v, rows[::-1], rows)
+        cols = jnp.where(flip_h, cols[::-1], cols)
+        x = jnp.take(jnp.take(x, rows, axis=0), cols, axis=1)
+    else:
+        crop = _uniform_int(u[2], max_crop + 1)
+        off_y = _uniform_int(u[3], crop + 1).astype(jnp.float32)
+        off_x = _uniform_int(u[4], crop + 1).astype(jnp.float32)
+        # Bilinear resize by two row/column gathers: O(HWC) work. A dense
+        # interpolation matmul (what jax.image.scale_and_translate does) costs
+        # O(H^2 WC) and measured 5x slower at 256 px on CPU.
+        i0, i1, wy = _crop_flip_coords(h, crop, off_y, flip_v)
+        x = (jnp.take(x, i0, axis=0, mode="clip") * (1.0 - wy)[:, None, None]
+             + jnp.take(x, i1, axis=0, mode="clip") * wy[:, None, None])
+        j0, j1, wx = _crop_flip_coords(w, crop, off_x, flip_h)
+        x = (jnp.take(x, j0, axis=1, mode="clip") * (1.0 - wx)[None, :, None]
+             + jnp.take(x, j1, axis=1, mode="clip") * wx[None, :, None])
+    if transpose:
+        # A transpose at 1/2 on top of the two flips makes all 8 symmetries of the
+        # square equally likely. Its own key keeps the flip/crop draws of runs
+        # without it unchanged.
+        swap = jax.random.bernoulli(jax.random.fold_in(key, 1))
+        x = jnp.where(swap, jnp.swapaxes(x, 0, 1), x)
     return x.astype(image.dtype)
 
 
-def basic_augment(rng, images, *, max_crop=16):
+def basic_augment(rng, images, *, max_crop=16, transpose=False, translate=False):
     """The paper's basic augmentation, drawn independently for each example.
 
     Horizontal flip with probability 1/2, vertical flip with probability 1/2,
@@ -155,17 +178,88 @@ def basic_augment(rng, images, *, max_crop=16):
         images: Float array (B, H, W, C).
         max_crop: Largest number of pixels cut from each dimension (static);
             clipped to min(H, W) - 1.
+        transpose: Also swap height and width with probability 1/2, so that
+            all 8 symmetries of the square are equally likely (square images).
+        translate: Instead of crop-and-resize (a zoom), shift by
+            U{-max_crop // 2 .. max_crop // 2} pixels in each dimension with
+            mirrored borders.
 
     Returns:
         Augmented images with the shape and dtype of `images`.
     """
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f"basic_augment needs float images, got {images.dtype}.")
+    if transpose and images.shape[1] != images.shape[2]:
+        raise ValueError(f"basic_augment: transpose needs square images, got {images.shape[1:3]}.")
     max_crop = max(0, min(int(max_crop), images.shape[1] - 1,
                           images.shape[2] - 1))
     keys = jax.random.split(rng, images.shape[0])
-    return jax.vmap(functools.partial(_augment_one, max_crop=max_crop))(
-        keys, images)
+    return jax.vmap(functools.partial(_augment_one, max_crop=max_crop, transpose=transpose,
+                                      translate=translate))(keys, images)
+
+
+def crop_pixels(max_crop, crop_fraction, size):
+    """The crop in pixels: `crop_fraction` of the image side when set, else `max_crop`."""
+    return int(round(crop_fraction * size)) if crop_fraction > 0 else int(max_crop)
+
+
+def _rotate_one(key, image, max_degrees):
+    h, w = image.shape[:2]
+    angle = jnp.deg2rad(jax.random.uniform(key, (), minval=-max_degrees, maxval=max_degrees))
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    y, x = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) - (h - 1) / 2,
+                        jnp.arange(w, dtype=jnp.float32) - (w - 1) / 2, indexing="ij")
+    # Each output pixel samples the input at the inversely rotated position.
+    sy = cos * y - sin * x + (h - 1) / 2
+    sx = sin * y + cos * x + (w - 1) / 2
+    y0, x0 = jnp.floor(sy), jnp.floor(sx)
+    wy, wx = (sy - y0)[..., None], (sx - x0)[..., None]
+    y0, x0 = y0.astype(jnp.int32), x0.astype(jnp.int32)
+    flat = image.reshape(h * w, -1)
+
+    def tap(yy, xx):  # a gather from the flattened image, mirrored at the borders
+        return jnp.take(flat, _reflect(yy, h) * w + _reflect(xx, w), axis=0)
+
+    return ((1 - wy) * ((1 - wx) * tap(y0, x0) + wx * tap(y0, x0 + 1))
+            + wy * ((1 - wx) * tap(y0 + 1, x0) + wx * tap(y0 + 1, x0 + 1))).astype(image.dtype)
+
+
+def rotate(rng, images, *, max_degrees):
+    """Rotates each example by U(-max_degrees, max_degrees) about its centre.
+
+    Bilinear, with mirrored borders so no black corners appear. Gathers only (no
+    scatter, no dynamic slicing), so it vectorises under vmap on every backend.
+
+    Args:
+        rng: PRNG key.
+        images: Float array (B, H, W, C).
+        max_degrees: Largest rotation in degrees (static).
+
+    Returns:
+        Rotated images with the shape and dtype of `images`.
+    """
+    if not max_degrees:
+        return images
+    keys = jax.random.split(rng, images.shape[0])
+    return jax.vmap(functools.partial(_rotate_one, max_degrees=float(max_degrees)))(keys, images)
+
+
+def check_geometry(augment) -> None:
+    """Validates the geometry fields of `config.augment`.
+
+    Raises:
+        InputError: naming the field and its allowed values.
+    """
+    from circlemix_jax.errors import InputError  # noqa: PLC0415 - keeps this module free of CLI concerns
+
+    for name in ("basic", "transpose", "translate"):
+        if not isinstance(augment.get(name, False), bool):
+            raise InputError(f"config field augment.{name}={augment.get(name)!r} must be true or false")
+    for name, lo, hi in (("max_crop", 0, None), ("crop_fraction", 0.0, 0.5), ("rotate_degrees", 0.0, 180.0)):
+        v = augment.get(name, 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or (hi is not None and v > hi):
+            raise InputError(f"config field augment.{name}={v!r} must be a number in "
+                             f"[{lo}, {hi if hi is not None else 'inf'}]")
 
 
 def mixing_is_noop(per_device_batch):

@@ -20,7 +20,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from circlemix_jax import augment, checkpoint, data, pipeline, step as steplib
+from circlemix_jax import augment, checkpoint, data, defaults, pipeline, step as steplib
 from circlemix_jax.defaults import method_name
 from circlemix_jax.errors import InputError
 from circlemix_jax.metrics import classification_metrics
@@ -117,6 +117,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
         convert.override_config(config, log=log)  # padding, eps and mean/std must match the weights
     _validate(config)
+    defaults.check(config)  # the recipe's fields (optimiser, geometry, colour)
     workdir = checkpoint.absolute(workdir)
     config_json = config.to_json_best_effort(indent=1, sort_keys=True)
     checkpoint.check_config(workdir, config_json, RESUMABLE_FIELDS)
@@ -154,7 +155,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = steplib.make_mesh()
     model = steplib.make_model(config)
     tx = steplib.make_optimizer(config)
-    state = steplib.replicate(steplib.init_state(initial_variables(config, model, size), tx), mesh)
+    state = steplib.replicate(steplib.init_state(initial_variables(config, model, size), tx,
+                                                 ema=steplib.ema_enabled(config)), mesh)
     ckpts = checkpoint.RunCheckpoints(workdir)
     progress = {"epochs_done": 0, "best_val_balanced_accuracy": -1.0, "best_epoch": -1, "history": []}
     if ckpts.latest_step() is not None:
