@@ -24,7 +24,7 @@ import numpy as np
 METHODS = ("none", "mixup", "cutmix", "circlemix")
 SAMPLERS = ("paper", "beta")
 GRANULARITIES = ("batch", "example")
-LAM_MODES = ("pixels", "formula")
+LAM_MODES = ("pixels", "formula", "mask")
 
 
 @functools.lru_cache(maxsize=None)
@@ -328,14 +328,32 @@ def _draw(key, *, method, sampler, alpha, lam_mode, height, width):
             # Uniform start plus a wrap-around arc: every pixel is in the mask with
             # the same probability E[lam].
             mask = _wrapped_arc_mask(t, u[0] * 360.0, 360.0 * lam)
-    if lam_mode == "pixels":
+    if lam_mode in ("pixels", "mask"):  # 'mask' falls back to pixels where no glomerulus is left
         lam = jnp.mean(mask, dtype=jnp.float32)
     return mask, lam.astype(jnp.float32)
 
 
+def mask_lam(region, masks, fallback):
+    """Each image's share of the glomerulus pixels in its mixed image.
+
+    Args:
+        region: (B, H, W) bool, True where the mixed image shows image A.
+        masks: (B, H, W) float in [0, 1], the glomerulus masks of the unmixed
+            images; the partner's is ``jnp.roll(masks, 1, 0)`` as in `mix`.
+        fallback: (B,) lam used where the mixed image holds no glomerulus.
+
+    Returns:
+        (B,) float32: |mask_A inside region| / (that + |mask_B outside region|).
+    """
+    own = jnp.sum(jnp.where(region, masks, 0.0), axis=(1, 2))
+    other = jnp.sum(jnp.where(region, 0.0, jnp.roll(masks, 1, axis=0)), axis=(1, 2))
+    total = own + other
+    return jnp.where(total > 0, own / jnp.where(total > 0, total, 1.0), fallback).astype(jnp.float32)
+
+
 def mix(rng, images, labels, *, num_classes, method, alpha=1.0,
         sampler="paper", granularity="batch", prob=1.0, lam_mode="pixels",
-        label_smoothing=0.0):
+        label_smoothing=0.0, masks=None):
     """Mixes each example (image A) with its neighbour in the shard (image B).
 
     The partner of example i is example i - 1 (``jnp.roll`` by 1 within this
@@ -369,9 +387,12 @@ def mix(rng, images, labels, *, num_classes, method, alpha=1.0,
             mixed; an unmixed example keeps its image and label, with lam = 1.
         lam_mode: 'pixels' sets lam to the exact fraction of pixels taken from A
             (cutmix after clipping, circlemix); 'formula' keeps the sampled value
-            ((end - start) / 360 for the paper sampler). Ignored for mixup (static).
+            ((end - start) / 360 for the paper sampler); 'mask' sets it to A's
+            share of the glomerulus pixels in the mixed image (`mask_lam`; needs
+            `masks`, cutmix and circlemix only). Ignored for mixup (static).
         label_smoothing: Smoothing applied once to the one-hot labels before
             mixing, so rows still sum to 1.
+        masks: Glomerulus masks (B, H, W) in [0, 1], for lam_mode 'mask'.
 
     Returns:
         (mixed images with the shape and dtype of `images`, soft labels (B, K)
@@ -383,6 +404,9 @@ def mix(rng, images, labels, *, num_classes, method, alpha=1.0,
     """
     _check_options(method, sampler, granularity, lam_mode, alpha, prob,
                    label_smoothing)
+    if lam_mode == "mask" and method != "none" and (method == "mixup" or masks is None):
+        raise ValueError("mix: lam_mode='mask' needs masks and method cutmix or circlemix, "
+                         f"got method={method!r} and masks={'given' if masks is not None else None}.")
     if images.ndim != 4 or labels.shape != images.shape[:1]:
         raise ValueError(f"mix: expected images (B, H, W, C) and labels (B,), got "
                          f"{images.shape} and {labels.shape}.")
@@ -407,6 +431,8 @@ def mix(rng, images, labels, *, num_classes, method, alpha=1.0,
         lam = jnp.where(mixed, lam, 1.0)
         if mask is not None:
             mask = mask | ~mixed[:, None, None]
+    if lam_mode == "mask":
+        lam = mask_lam(jnp.broadcast_to(mask, (batch, height, width)), masks, lam)
 
     partner = jnp.roll(images, 1, axis=0)
     if mask is None:  # mixup

@@ -94,7 +94,7 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     c.mix.sampler = "paper"  # 'paper' (sorted uniform pair) or 'beta' (wrap-around, unbiased).
     c.mix.granularity = "batch"  # the authors mix one mask per batch.
     c.mix.prob = 1.0
-    c.mix.lam_mode = "pixels"
+    c.mix.lam_mode = "pixels"  # or 'formula', or 'mask' (glomerulus pixels; needs the manifest's mask column)
     c.mix.label_smoothing = 0.0
 
     c.model = ml_collections.ConfigDict()
@@ -170,10 +170,13 @@ def scratch(c: ml_collections.ConfigDict) -> None:
 def check(c: ml_collections.ConfigDict) -> None:
     """Validates the recipe's fields (optimiser, geometry, colour); raises InputError naming the field."""
     from circlemix_jax import augment, colour, step  # noqa: PLC0415 - step imports jax and the model
+    from circlemix_jax.errors import InputError  # noqa: PLC0415
 
     step.check_optim(c)
     augment.check_geometry(c.augment)
     colour.check_options(c.augment.colour)
+    if c.mix.lam_mode == "mask" and c.mix.method not in ("none", "cutmix", "circlemix"):
+        raise InputError(f"config field mix.lam_mode='mask' works with cutmix and circlemix, not {c.mix.method!r}")
 
 
 def method_name(config: ml_collections.ConfigDict) -> str:

@@ -181,18 +181,28 @@ def init_state(variables: dict, tx: optax.GradientTransformation, ema: bool = Fa
                       opt_state=tx.init(params), ema=average)
 
 
-def augment_images(config, rng: jax.Array, x: jax.Array) -> jax.Array:
-    """Geometry, then colour and stain, of float images in [0, 1] (B, H, W, 3) as configured."""
+def augment_geometry(config, rng: jax.Array, x: jax.Array) -> jax.Array:
+    """Flips, crop or shift, transpose and rotation of float images (B, H, W, C), as configured."""
     a = config.augment
     if a.basic:
         crop = augment.crop_pixels(a.max_crop, a.get("crop_fraction", 0.0), x.shape[1])
         x = augment.basic_augment(rng, x, max_crop=crop, transpose=a.get("transpose", False),
                                   translate=a.get("translate", False))
     # Extra keys by fold_in, so runs without these features draw exactly as before.
-    x = augment.rotate(jax.random.fold_in(rng, 1), x, max_degrees=a.get("rotate_degrees", 0.0))
+    return augment.rotate(jax.random.fold_in(rng, 1), x, max_degrees=a.get("rotate_degrees", 0.0))
+
+
+def augment_colour(config, rng: jax.Array, x: jax.Array) -> jax.Array:
+    """Stain and colour jitter of RGB images in [0, 1] (B, H, W, 3), as configured."""
+    a = config.augment
     if "colour" in a and not colour.is_off(a.colour):
         x = colour.augment(jax.random.fold_in(rng, 2), x, a.colour.to_dict())
     return x
+
+
+def augment_images(config, rng: jax.Array, x: jax.Array) -> jax.Array:
+    """Geometry, then colour and stain, of RGB images in [0, 1] (B, H, W, 3) as configured."""
+    return augment_colour(config, rng, augment_geometry(config, rng, x))
 
 
 def prepare_images(config, rng: jax.Array, images: jax.Array, labels: jax.Array):
@@ -202,9 +212,16 @@ def prepare_images(config, rng: jax.Array, images: jax.Array, labels: jax.Array)
       (normalised float images, soft labels (B, K), lambda (B,)).
     """
     aug_rng, mix_rng = jax.random.split(rng)
-    x = augment_images(config, aug_rng, images.astype(jnp.float32) / 255.0)
+    x = images.astype(jnp.float32) / 255.0
+    masks = None
+    if x.shape[-1] == 4:  # a glomerulus mask rides along as channel 4 (`masks`): same geometry
+        x = augment_geometry(config, aug_rng, x)
+        x, masks = x[..., :3], x[..., 3]
+        x = augment_colour(config, aug_rng, x)
+    else:
+        x = augment_images(config, aug_rng, x)
     x = (x - jnp.asarray(config.data.mean)) / jnp.asarray(config.data.std)
-    return augment.mix(mix_rng, x, labels, num_classes=len(config.classes), **config.mix.to_dict())
+    return augment.mix(mix_rng, x, labels, num_classes=len(config.classes), masks=masks, **config.mix.to_dict())
 
 
 def _l2(tree) -> jax.Array:

@@ -20,7 +20,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from circlemix_jax import augment, checkpoint, data, defaults, pipeline, step as steplib
+from circlemix_jax import augment, checkpoint, data, defaults, masks, pipeline, step as steplib
 from circlemix_jax.defaults import method_name
 from circlemix_jax.errors import InputError
 from circlemix_jax.metrics import classification_metrics
@@ -143,6 +143,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_x = pipeline.decode_all(parts["train"].paths, size, workers, "decoding train")
     val_x = pipeline.decode_all(parts["val"].paths, size, workers, "decoding val")
     train_y, val_y = parts["train"].labels, parts["val"].labels
+    if config.mix.lam_mode == "mask":  # glomerulus masks ride along as a 4th channel (see masks.py)
+        train_x = masks.with_mask_channel(train_x, masks.mask_paths(data.manifest_path(config), parts["train"].paths),
+                                          workers)
 
     spe = pipeline.steps_per_epoch(len(train_y), config.batch_size)
     if spe == 0:

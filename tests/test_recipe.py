@@ -136,20 +136,26 @@ def test_ema_update_against_a_hand_computation():
 
 
 def test_eval_uses_the_ema_weights():
+    import flax.linen as nn
+
+    class Tiny(nn.Module):  # stands in for B0: the test is about which variables eval reads
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(2)(x.mean((1, 2)))
+
     c = _config()
-    model = step.make_model(c, axis_name=None)
-    x = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), np.uint8)
-    variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
-    other = model.init(jax.random.key(1), np.zeros((1, 32, 32, 3), np.float32), train=False)
+    model = Tiny()
+    x = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), np.uint8)
+    live = model.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
+    average = model.init(jax.random.key(1), np.zeros((1, 8, 8, 3), np.float32))
     tx = step.make_optimizer(c)
-    state = step.init_state(other, tx, ema=True).replace(ema=variables)
-    assert step.eval_variables(state) is variables
-    assert step.eval_variables(step.init_state(other, tx))["params"] is other["params"]
-    mesh = step.make_mesh(1)
-    logits = step.parallel_eval_step(c, step.make_model(c), mesh)(step.replicate(state, mesh), x)
-    xn = (x / 255.0 - np.asarray(c.data.mean)) / np.asarray(c.data.std)
-    np.testing.assert_allclose(logits, model.apply(variables, jnp.asarray(xn, jnp.float32), train=False),
-                               rtol=1e-4, atol=1e-5)
+    state = step.init_state(live, tx, ema=True).replace(ema=average)
+    assert step.eval_variables(state) is average
+    assert step.eval_variables(step.init_state(live, tx))["params"] is live["params"]
+    xn = jnp.asarray((x / 255.0 - np.asarray(c.data.mean)) / np.asarray(c.data.std), jnp.float32)
+    logits = jax.jit(lambda s, x: step.eval_step(s, x, config=c, model=model))(state, x)
+    np.testing.assert_allclose(logits, model.apply(average, xn), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(logits, model.apply(live, xn), atol=1e-3)
 
 
 # --- geometry -------------------------------------------------------------------
@@ -181,16 +187,14 @@ def test_translate_is_a_reflected_shift_within_half_the_crop():
     n, b, crop = 10, 400, 6
     x = _distinct_image(b, n)
     out = np.asarray(augment.basic_augment(jax.random.key(1), x, max_crop=crop, translate=True))
-    img = np.asarray(x[0])
-    shifts = set()
-    for o in out:
-        found = [(dy, dx) for dy, dx in itertools.product(range(-3, 4), repeat=2) for fy, fx in
-                 itertools.product((1, -1), repeat=2)
-                 if np.array_equal(o, np.pad(img, ((3, 3), (3, 3), (0, 0)), mode="reflect")
-                                   [3 + dy:3 + dy + n, 3 + dx:3 + dx + n][::fy, ::fx])]
-        assert found, "not a reflected shift of the input"
-        shifts.update(found)
-    assert {s[0] for s in shifts} == set(range(-3, 4))
+    # Every reflect-padded shift and flip, from numpy.
+    padded = np.pad(np.asarray(x[0]), ((3, 3), (3, 3), (0, 0)), mode="reflect")
+    candidates = {padded[3 + dy:3 + dy + n, 3 + dx:3 + dx + n][::fy, ::fx].tobytes(): (dy, dx)
+                  for dy, dx in itertools.product(range(-3, 4), repeat=2)
+                  for fy, fx in itertools.product((1, -1), repeat=2)}
+    shifts = [candidates.get(o.tobytes()) for o in out]
+    assert None not in shifts, "not a reflected shift of the input"
+    assert {s[0] for s in shifts} == {s[1] for s in shifts} == set(range(-3, 4))
 
 
 def test_crop_scales_with_the_image():
@@ -204,7 +208,7 @@ def test_rotation_against_map_coordinates():
     n, deg = 17, 20.0
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(3, n, n, 2)).astype(np.float32))
     np.testing.assert_array_equal(augment.rotate(jax.random.key(0), x, max_degrees=0.0), x)
-    out = np.asarray(augment.rotate(jax.random.key(4), x, max_degrees=deg))
+    out = np.asarray(jax.jit(augment.rotate, static_argnames="max_degrees")(jax.random.key(4), x, max_degrees=deg))
     keys = jax.random.split(jax.random.key(4), 3)
     c = (n - 1) / 2
     yy, xx = np.meshgrid(np.arange(n) - c, np.arange(n) - c, indexing="ij")
@@ -240,3 +244,113 @@ def test_label_smoothing_with_every_method(method):
     y = np.where(np.eye(2)[np.asarray(labels)] > 0, 0.95, 0.05)
     np.testing.assert_allclose(soft, lam[:, None] * y + (1 - lam[:, None]) * np.roll(y, 1, 0), rtol=1e-6)
     assert float(soft.min()) >= 0.05 - 1e-7
+
+
+# --- exact resume with EMA on ---------------------------------------------------
+
+def test_exact_resume_with_ema_after_sigkill(tmp_path):
+    """The EMA lives in the checkpointed state: a killed and resumed run predicts exactly as an uninterrupted one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import CACHE, REPO, run_cli
+
+    cmd = ("circlemix_jax.main", "--config=configs/binary.py:scratch,smoke")
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    assert run_cli(*cmd, f"--workdir={whole}", timeout=1200).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", *cmd, f"--workdir={killed}"], cwd=REPO,
+                            env=dict(os.environ, CIRCLEMIX_CACHE=CACHE), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    latest = os.path.join(killed, "checkpoints", "latest")
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(latest) and any(d.isdigit() for d in os.listdir(latest)):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before its first checkpoint; cannot test a kill"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_cli(*cmd, f"--workdir={killed}", timeout=1200)
+    assert resumed.returncode == 0 and "resuming from step" in resumed.stdout, resumed.stderr[-3000:]
+    with open(os.path.join(whole, "test_predictions.csv")) as a, open(os.path.join(killed, "test_predictions.csv")) as b:
+        assert a.read() == b.read()
+
+
+# --- mask-weighted lambda (issue section 4) --------------------------------------
+
+def test_mask_lam_against_a_hand_count():
+    region = jnp.zeros((2, 4, 4), bool).at[:, :, :2].set(True)  # A shows in the left half
+    masks = jnp.zeros((2, 4, 4)).at[0, :, :1].set(1.0).at[1, :, :].set(1.0)
+    # Example 0: A's glomerulus 4 px in the region; its partner (example 1) 8 px outside: 4 / 12.
+    # Example 1: A's 8 px in the region; its partner (example 0) has none outside: 1.
+    lam = augment.mask_lam(region, masks, jnp.array([0.5, 0.5]))
+    np.testing.assert_allclose(lam, [4 / 12, 1.0], rtol=1e-6)
+    empty = augment.mask_lam(region, jnp.zeros((2, 4, 4)), jnp.array([0.3, 0.7]))
+    np.testing.assert_allclose(empty, [0.3, 0.7])
+
+
+@pytest.mark.parametrize("method", ["cutmix", "circlemix"])
+def test_mix_with_mask_lambda(method):
+    n = 24
+    ones, zeros = jnp.ones((1, n, n, 3)), jnp.zeros((1, n, n, 3))
+    x = jnp.concatenate([ones, zeros, ones, zeros])
+    yy, xx = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    disc = ((yy - n / 2 + 0.5) ** 2 + (xx - n / 2 + 0.5) ** 2 < (n / 3) ** 2).astype(np.float32)
+    corner = np.zeros((n, n), np.float32)
+    corner[:8, :8] = 1.0
+    masks = jnp.asarray(np.stack([disc, corner, disc, corner]))
+    labels = jnp.array([0, 1, 0, 1])
+    for seed in range(4):
+        kw = dict(num_classes=2, method=method, granularity="example")
+        out, soft, lam = augment.mix(jax.random.key(seed), x, labels, lam_mode="mask", masks=masks, **kw)
+        _, _, lam_px = augment.mix(jax.random.key(seed), x, labels, lam_mode="pixels", **kw)
+        region = np.asarray(out[..., 0]) == np.asarray(x[..., 0])  # pixels of the example itself
+        m, partner = np.asarray(masks), np.roll(np.asarray(masks), 1, 0)
+        own, other = (m * region).sum((1, 2)), (partner * ~region).sum((1, 2))
+        want = np.where(own + other > 0, own / np.maximum(own + other, 1e-9), np.asarray(lam_px))
+        np.testing.assert_allclose(lam, want, rtol=1e-5)
+        np.testing.assert_allclose(soft[:, 0], np.where(labels == 0, lam, 1 - lam), rtol=1e-5)
+    full = jnp.ones((4, n, n))
+    _, _, lam_full = augment.mix(jax.random.key(0), x, labels, lam_mode="mask", masks=full, **kw)
+    np.testing.assert_allclose(lam_full, lam_px_of(kw, x, labels), rtol=1e-5)  # full masks: pixel shares
+    with pytest.raises(ValueError, match="lam_mode='mask'"):
+        augment.mix(jax.random.key(0), x, labels, num_classes=2, method="mixup", lam_mode="mask", masks=masks)
+
+
+def lam_px_of(kw, x, labels):
+    return augment.mix(jax.random.key(0), x, labels, lam_mode="pixels", **kw)[2]
+
+
+def test_mask_channel_follows_the_geometry_and_is_split_off(tmp_path):
+    from PIL import Image
+
+    from circlemix_jax import masks as masklib
+
+    rng = np.random.default_rng(0)
+    rows = ["path,mask,label,subject"]
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8)).save(tmp_path / f"i{i}.png")
+        Image.fromarray((rng.uniform(size=(20, 20)) > 0.5).astype(np.uint8) * 255).save(tmp_path / f"m{i}.png")
+        rows.append(f"i{i}.png,m{i}.png,normal,s{i}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    paths = [str(tmp_path / f"i{i}.png") for i in range(2)]
+    mpaths = masklib.mask_paths(str(tmp_path / "m.csv"), paths)
+    images = np.stack([np.asarray(Image.open(p)) for p in paths])
+    four = masklib.with_mask_channel(images, mpaths, workers=1)
+    assert four.shape == (2, 20, 20, 4)
+    np.testing.assert_array_equal(four[..., 3], np.stack([np.asarray(Image.open(p)) for p in mpaths]))
+    c = _config("smoke,scratch,cutmix")
+    with c.unlocked():
+        c.mix.lam_mode = "mask"
+        c.augment.rotate_degrees = 0.0
+    copy = np.concatenate([images, images[..., :1]], -1)  # mask = the red channel
+    moved = np.asarray(step.augment_geometry(c, jax.random.key(0), jnp.asarray(copy, jnp.float32)))
+    np.testing.assert_array_equal(moved[..., 3], moved[..., 0])
+    x, soft, lam = step.prepare_images(c, jax.random.key(0), jnp.asarray(four), jnp.array([0, 1]))
+    assert x.shape == (2, 20, 20, 3) and soft.shape == (2, 2)
+    (tmp_path / "bad.csv").write_text("path,label,subject\ni0.png,normal,s0\n")
+    with pytest.raises(InputError, match="'mask' column"):
+        masklib.mask_paths(str(tmp_path / "bad.csv"), paths)
