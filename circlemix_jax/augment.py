@@ -24,7 +24,7 @@ import numpy as np
 METHODS = ("none", "mixup", "cutmix", "circlemix")
 SAMPLERS = ("paper", "beta")
 GRANULARITIES = ("batch", "example")
-LAM_MODES = ("pixels", "formula")
+LAM_MODES = ("pixels", "formula", "mask")
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,29 +120,52 @@ def _crop_flip_coords(n, crop, offset, flip):
     return i0, i1, w
 
 
-def _augment_one(key, image, max_crop):
+def _reflect(i, n):
+    """Index i mirrored into [0, n) without repeating the edge (numpy 'reflect')."""
+    period = 2 * (n - 1)
+    i = jnp.mod(i, period)
+    return jnp.where(i >= n, period - i, i)
+
+
+def _augment_one(key, image, max_crop, transpose, translate):
     h, w = image.shape[:2]
     # One uniform draw for all five choices: each extra threefry call adds
     # compile time for no statistical benefit.
     u = jax.random.uniform(key, (5,))
     flip_h, flip_v = u[0] < 0.5, u[1] < 0.5
-    crop = _uniform_int(u[2], max_crop + 1)
-    off_y = _uniform_int(u[3], crop + 1).astype(jnp.float32)
-    off_x = _uniform_int(u[4], crop + 1).astype(jnp.float32)
     x = image.astype(jnp.float32)
-    # Bilinear resize by two row/column gathers: O(HWC) work. A dense
-    # interpolation matmul (what jax.image.scale_and_translate does) costs
-    # O(H^2 WC) and measured 5x slower at 256 px on CPU.
-    i0, i1, wy = _crop_flip_coords(h, crop, off_y, flip_v)
-    x = (jnp.take(x, i0, axis=0, mode="clip") * (1.0 - wy)[:, None, None]
-         + jnp.take(x, i1, axis=0, mode="clip") * wy[:, None, None])
-    j0, j1, wx = _crop_flip_coords(w, crop, off_x, flip_h)
-    x = (jnp.take(x, j0, axis=1, mode="clip") * (1.0 - wx)[None, :, None]
-         + jnp.take(x, j1, axis=1, mode="clip") * wx[None, :, None])
+    if translate:
+        # Reflect-pad by max_crop // 2 and crop back to size: a pure shift, no zoom,
+        # exact pixels (the PyTorch recipes' RandomCrop(size, padding, 'reflect')).
+        pad = max_crop // 2
+        rows = _reflect(jnp.arange(h) + _uniform_int(u[3], 2 * pad + 1) - pad, h)
+        cols = _reflect(jnp.arange(w) + _uniform_int(u[4], 2 * pad + 1) - pad, w)
+        rows = jnp.where(flip_v, rows[::-1], rows)
+        cols = jnp.where(flip_h, cols[::-1], cols)
+        x = jnp.take(jnp.take(x, rows, axis=0), cols, axis=1)
+    else:
+        crop = _uniform_int(u[2], max_crop + 1)
+        off_y = _uniform_int(u[3], crop + 1).astype(jnp.float32)
+        off_x = _uniform_int(u[4], crop + 1).astype(jnp.float32)
+        # Bilinear resize by two row/column gathers: O(HWC) work. A dense
+        # interpolation matmul (what jax.image.scale_and_translate does) costs
+        # O(H^2 WC) and measured 5x slower at 256 px on CPU.
+        i0, i1, wy = _crop_flip_coords(h, crop, off_y, flip_v)
+        x = (jnp.take(x, i0, axis=0, mode="clip") * (1.0 - wy)[:, None, None]
+             + jnp.take(x, i1, axis=0, mode="clip") * wy[:, None, None])
+        j0, j1, wx = _crop_flip_coords(w, crop, off_x, flip_h)
+        x = (jnp.take(x, j0, axis=1, mode="clip") * (1.0 - wx)[None, :, None]
+             + jnp.take(x, j1, axis=1, mode="clip") * wx[None, :, None])
+    if transpose:
+        # A transpose at 1/2 on top of the two flips makes all 8 symmetries of the
+        # square equally likely. Its own key keeps the flip/crop draws of runs
+        # without it unchanged.
+        swap = jax.random.bernoulli(jax.random.fold_in(key, 1))
+        x = jnp.where(swap, jnp.swapaxes(x, 0, 1), x)
     return x.astype(image.dtype)
 
 
-def basic_augment(rng, images, *, max_crop=16):
+def basic_augment(rng, images, *, max_crop=16, transpose=False, translate=False):
     """The paper's basic augmentation, drawn independently for each example.
 
     Horizontal flip with probability 1/2, vertical flip with probability 1/2,
@@ -155,17 +178,88 @@ def basic_augment(rng, images, *, max_crop=16):
         images: Float array (B, H, W, C).
         max_crop: Largest number of pixels cut from each dimension (static);
             clipped to min(H, W) - 1.
+        transpose: Also swap height and width with probability 1/2, so that
+            all 8 symmetries of the square are equally likely (square images).
+        translate: Instead of crop-and-resize (a zoom), shift by
+            U{-max_crop // 2 .. max_crop // 2} pixels in each dimension with
+            mirrored borders.
 
     Returns:
         Augmented images with the shape and dtype of `images`.
     """
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f"basic_augment needs float images, got {images.dtype}.")
+    if transpose and images.shape[1] != images.shape[2]:
+        raise ValueError(f"basic_augment: transpose needs square images, got {images.shape[1:3]}.")
     max_crop = max(0, min(int(max_crop), images.shape[1] - 1,
                           images.shape[2] - 1))
     keys = jax.random.split(rng, images.shape[0])
-    return jax.vmap(functools.partial(_augment_one, max_crop=max_crop))(
-        keys, images)
+    return jax.vmap(functools.partial(_augment_one, max_crop=max_crop, transpose=transpose,
+                                      translate=translate))(keys, images)
+
+
+def crop_pixels(max_crop, crop_fraction, size):
+    """The crop in pixels: `crop_fraction` of the image side when set, else `max_crop`."""
+    return int(round(crop_fraction * size)) if crop_fraction > 0 else int(max_crop)
+
+
+def _rotate_one(key, image, max_degrees):
+    h, w = image.shape[:2]
+    angle = jnp.deg2rad(jax.random.uniform(key, (), minval=-max_degrees, maxval=max_degrees))
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    y, x = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) - (h - 1) / 2,
+                        jnp.arange(w, dtype=jnp.float32) - (w - 1) / 2, indexing="ij")
+    # Each output pixel samples the input at the inversely rotated position.
+    sy = cos * y - sin * x + (h - 1) / 2
+    sx = sin * y + cos * x + (w - 1) / 2
+    y0, x0 = jnp.floor(sy), jnp.floor(sx)
+    wy, wx = (sy - y0)[..., None], (sx - x0)[..., None]
+    y0, x0 = y0.astype(jnp.int32), x0.astype(jnp.int32)
+    flat = image.reshape(h * w, -1)
+
+    def tap(yy, xx):  # a gather from the flattened image, mirrored at the borders
+        return jnp.take(flat, _reflect(yy, h) * w + _reflect(xx, w), axis=0)
+
+    return ((1 - wy) * ((1 - wx) * tap(y0, x0) + wx * tap(y0, x0 + 1))
+            + wy * ((1 - wx) * tap(y0 + 1, x0) + wx * tap(y0 + 1, x0 + 1))).astype(image.dtype)
+
+
+def rotate(rng, images, *, max_degrees):
+    """Rotates each example by U(-max_degrees, max_degrees) about its centre.
+
+    Bilinear, with mirrored borders so no black corners appear. Gathers only (no
+    scatter, no dynamic slicing), so it vectorises under vmap on every backend.
+
+    Args:
+        rng: PRNG key.
+        images: Float array (B, H, W, C).
+        max_degrees: Largest rotation in degrees (static).
+
+    Returns:
+        Rotated images with the shape and dtype of `images`.
+    """
+    if not max_degrees:
+        return images
+    keys = jax.random.split(rng, images.shape[0])
+    return jax.vmap(functools.partial(_rotate_one, max_degrees=float(max_degrees)))(keys, images)
+
+
+def check_geometry(augment) -> None:
+    """Validates the geometry fields of `config.augment`.
+
+    Raises:
+        InputError: naming the field and its allowed values.
+    """
+    from circlemix_jax.errors import InputError  # noqa: PLC0415 - keeps this module free of CLI concerns
+
+    for name in ("basic", "transpose", "translate"):
+        if not isinstance(augment.get(name, False), bool):
+            raise InputError(f"config field augment.{name}={augment.get(name)!r} must be true or false")
+    for name, lo, hi in (("max_crop", 0, None), ("crop_fraction", 0.0, 0.5), ("rotate_degrees", 0.0, 180.0)):
+        v = augment.get(name, 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or (hi is not None and v > hi):
+            raise InputError(f"config field augment.{name}={v!r} must be a number in "
+                             f"[{lo}, {hi if hi is not None else 'inf'}]")
 
 
 def mixing_is_noop(per_device_batch):
@@ -234,14 +328,32 @@ def _draw(key, *, method, sampler, alpha, lam_mode, height, width):
             # Uniform start plus a wrap-around arc: every pixel is in the mask with
             # the same probability E[lam].
             mask = _wrapped_arc_mask(t, u[0] * 360.0, 360.0 * lam)
-    if lam_mode == "pixels":
+    if lam_mode in ("pixels", "mask"):  # 'mask' falls back to pixels where no glomerulus is left
         lam = jnp.mean(mask, dtype=jnp.float32)
     return mask, lam.astype(jnp.float32)
 
 
+def mask_lam(region, masks, fallback):
+    """Each image's share of the glomerulus pixels in its mixed image.
+
+    Args:
+        region: (B, H, W) bool, True where the mixed image shows image A.
+        masks: (B, H, W) float in [0, 1], the glomerulus masks of the unmixed
+            images; the partner's is ``jnp.roll(masks, 1, 0)`` as in `mix`.
+        fallback: (B,) lam used where the mixed image holds no glomerulus.
+
+    Returns:
+        (B,) float32: |mask_A inside region| / (that + |mask_B outside region|).
+    """
+    own = jnp.sum(jnp.where(region, masks, 0.0), axis=(1, 2))
+    other = jnp.sum(jnp.where(region, 0.0, jnp.roll(masks, 1, axis=0)), axis=(1, 2))
+    total = own + other
+    return jnp.where(total > 0, own / jnp.where(total > 0, total, 1.0), fallback).astype(jnp.float32)
+
+
 def mix(rng, images, labels, *, num_classes, method, alpha=1.0,
         sampler="paper", granularity="batch", prob=1.0, lam_mode="pixels",
-        label_smoothing=0.0):
+        label_smoothing=0.0, masks=None):
     """Mixes each example (image A) with its neighbour in the shard (image B).
 
     The partner of example i is example i - 1 (``jnp.roll`` by 1 within this
@@ -275,9 +387,12 @@ def mix(rng, images, labels, *, num_classes, method, alpha=1.0,
             mixed; an unmixed example keeps its image and label, with lam = 1.
         lam_mode: 'pixels' sets lam to the exact fraction of pixels taken from A
             (cutmix after clipping, circlemix); 'formula' keeps the sampled value
-            ((end - start) / 360 for the paper sampler). Ignored for mixup (static).
+            ((end - start) / 360 for the paper sampler); 'mask' sets it to A's
+            share of the glomerulus pixels in the mixed image (`mask_lam`; needs
+            `masks`, cutmix and circlemix only). Ignored for mixup (static).
         label_smoothing: Smoothing applied once to the one-hot labels before
             mixing, so rows still sum to 1.
+        masks: Glomerulus masks (B, H, W) in [0, 1], for lam_mode 'mask'.
 
     Returns:
         (mixed images with the shape and dtype of `images`, soft labels (B, K)
@@ -289,6 +404,9 @@ def mix(rng, images, labels, *, num_classes, method, alpha=1.0,
     """
     _check_options(method, sampler, granularity, lam_mode, alpha, prob,
                    label_smoothing)
+    if lam_mode == "mask" and method != "none" and (method == "mixup" or masks is None):
+        raise ValueError("mix: lam_mode='mask' needs masks and method cutmix or circlemix, "
+                         f"got method={method!r} and masks={'given' if masks is not None else None}.")
     if images.ndim != 4 or labels.shape != images.shape[:1]:
         raise ValueError(f"mix: expected images (B, H, W, C) and labels (B,), got "
                          f"{images.shape} and {labels.shape}.")
@@ -313,6 +431,8 @@ def mix(rng, images, labels, *, num_classes, method, alpha=1.0,
         lam = jnp.where(mixed, lam, 1.0)
         if mask is not None:
             mask = mask | ~mixed[:, None, None]
+    if lam_mode == "mask":
+        lam = mask_lam(jnp.broadcast_to(mask, (batch, height, width)), masks, lam)
 
     partner = jnp.roll(images, 1, axis=0)
     if mask is None:  # mixup

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from circlemix_jax import augment, decision
+from circlemix_jax import augment, colour, decision, step
 from circlemix_jax.errors import InputError
 from circlemix_jax.models import PADDINGS
 
@@ -101,6 +101,12 @@ def check_run_config(config, num_devices: int = 1) -> None:
     _int(config, "split_seed", 0)
     num_folds = _int(config, "num_folds", 2)
     decision.check_options(config)  # eval.tta, eval.decision, split
+    # The recipe's fields, each checked by the module that uses them.
+    step.check_optim(config)
+    augment.check_geometry(config.augment)
+    colour.check_options(config.augment.colour)
+    if config.mix.lam_mode == "mask" and config.mix.method not in ("none", "cutmix", "circlemix"):
+        raise _fail("mix.lam_mode", "mask", f"works with cutmix and circlemix, not {config.mix.method!r}")
     if config.split == "subject_kfold":  # a centre's index is checked against the manifest's centres
         _int(config, "fold", 0, num_folds - 1)
     else:

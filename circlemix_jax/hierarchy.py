@@ -81,7 +81,8 @@ def restore_best(workdir: str, config):
     model = steplib.make_model(config, axis_name=None)
     tx = steplib.make_optimizer(config)
     dummy = np.zeros((1, config.data.image_size, config.data.image_size, 3), np.float32)
-    abstract = jax.eval_shape(lambda: steplib.init_state(model.init(jax.random.key(0), dummy, train=False), tx))
+    abstract = jax.eval_shape(lambda: steplib.init_state(model.init(jax.random.key(0), dummy, train=False), tx,
+                                                         ema=steplib.ema_enabled(config)))
     ckpts = checkpoint.RunCheckpoints(workdir)
     try:
         state, _ = ckpts.restore(checkpoint.BEST, abstract)
@@ -207,26 +208,29 @@ def init_from_parent(config, variables: dict, log: Callable[[str], None] = print
     require_best_checkpoint(where)
     parent_config = load_run_config(where)
     _check_compatible(config, parent_config, where)
-    parent = restore_best(where, parent_config)
+    from circlemix_jax import step as steplib  # noqa: PLC0415 - keeps merge-only users free of the model
+
+    best = restore_best(where, parent_config)
+    parent = steplib.eval_variables(best)  # the EMA weights when it kept them
 
     ours = jax.tree_util.tree_map(np.shape, {k: v for k, v in variables["params"].items() if k != HEAD})
-    theirs = jax.tree_util.tree_map(np.shape, {k: v for k, v in parent.params.items() if k != HEAD})
+    theirs = jax.tree_util.tree_map(np.shape, {k: v for k, v in parent["params"].items() if k != HEAD})
     if ours != theirs:
         raise InputError(f"the backbone in {where} does not match this stage's model (different architecture)")
     mode = config.model.get("child_head", "parent")
-    params = dict(parent.params)
-    params[HEAD] = child_classifier(parent.params[HEAD], parent_config.classes, config.classes,
+    params = dict(parent["params"])
+    params[HEAD] = child_classifier(parent["params"][HEAD], parent_config.classes, config.classes,
                                     jax.device_get(variables["params"][HEAD]), mode)
     parent_metrics = json.loads((epath.Path(where) / "metrics.json").read_text())
     head = f"the parent's rows for classes {list(config.classes)}" if mode == "parent" else "freshly initialised"
-    log(f"PARENT: loaded the best checkpoint of {where} (step {int(parent.step)}, epoch "
+    log(f"PARENT: loaded the best checkpoint of {where} (step {int(best.step)}, epoch "
         f"{parent_metrics.get('best_epoch', -1) + 1}, its test balanced_accuracy "
         f"{parent_metrics.get('balanced_accuracy', float('nan')):.4f}): backbone and BatchNorm statistics copied; "
         f"classifier = {head}")
     if defaults.method_name(parent_config) != defaults.method_name(config):
         log(f"NOTE: the parent was trained with {defaults.method_name(parent_config)}, "
             f"this stage uses {defaults.method_name(config)}")
-    return {"params": params, "batch_stats": parent.batch_stats}
+    return {"params": params, "batch_stats": parent["batch_stats"]}
 
 
 def merge_predictions(parent: np.ndarray, child: np.ndarray, child_classes) -> np.ndarray:

@@ -4,8 +4,8 @@
 so they agree with each other and with `predict` on which weights and which
 preprocessing are used:
 
-- `_inference_variables` is the one place that picks the weights of a train
-  state (the raw parameters here; an average of the weights where a run keeps one);
+- the weights are `step.eval_variables` of the best train state, as for every
+  evaluation (the average of the weights where a run keeps one);
 - `logits` normalises the images exactly as `step.eval_step` does and applies
   the model in eval mode, on one device and without `eval_step`'s pieces, so
   that it also traces with a symbolic batch size for `jax.export`.
@@ -53,16 +53,6 @@ class RunModel:
         return int(self.config.data.image_size)
 
 
-def _inference_variables(state, config) -> dict:  # noqa: ARG001 - config decides once runs keep averaged weights
-    """The variables every inference uses, from a run's best train state.
-
-    The one place that chooses them: point it at `step.eval_variables` when runs
-    keep an exponential moving average of the weights, so predict, explain and
-    export keep agreeing.
-    """
-    return {"params": state.params, "batch_stats": state.batch_stats}
-
-
 def load(workdir: str) -> RunModel:
     """The model of a run's best checkpoint.
 
@@ -76,7 +66,7 @@ def load(workdir: str) -> RunModel:
     config = hierarchy.load_run_config(workdir)
     state = hierarchy.restore_best(workdir, config)
     return RunModel(workdir, config, steplib.make_model(config, axis_name=None),
-                    _inference_variables(state, config), int(state.step))
+                    steplib.eval_variables(state), int(state.step))
 
 
 def normalise(config, images: jax.Array) -> jax.Array:

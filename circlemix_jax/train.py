@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from circlemix_jax import augment, checkpoint, config_check, data, decision, hierarchy, pipeline, rundir
+from circlemix_jax import augment, checkpoint, config_check, data, decision, hierarchy, masks, pipeline, rundir
 from circlemix_jax import step as steplib
 from circlemix_jax.cli import StopRequest, install_stop_handlers
 from circlemix_jax import defaults
@@ -127,6 +127,9 @@ def check(config, workdir: str) -> Inputs | dict:
                                   "decoding train, val and test")
     ends = np.cumsum([len(recs) for _, recs in named])
     images = {name: x for (name, _), x in zip(named, np.split(decoded, ends[:-1]))}
+    if config.mix.lam_mode == "mask":  # glomerulus masks ride along as a 4th channel (see masks.py)
+        images["train"] = masks.with_mask_channel(
+            images["train"], masks.mask_paths(data.manifest_path(config), parts["train"].paths), workers)
     fingerprints = {name: rundir.pixels_sha256(x) for name, x in images.items()}
     rundir.check_pixels(workdir, fingerprints)
     for name, fp in fingerprints.items():
@@ -167,7 +170,8 @@ def prepare(inputs: Inputs, ckpts: checkpoint.RunCheckpoints) -> tuple[Machinery
     mesh = steplib.make_mesh()
     model = steplib.make_model(config)
     tx = steplib.make_optimizer(config)
-    state = steplib.replicate(steplib.init_state(initial_variables(config, model, config.data.image_size), tx), mesh)
+    variables = initial_variables(config, model, config.data.image_size)
+    state = steplib.replicate(steplib.init_state(variables, tx, ema=steplib.ema_enabled(config)), mesh)
     progress = {"epochs_done": 0, "best_val_balanced_accuracy": -1.0, "best_epoch": -1, "history": []}
     resumed = ckpts.restore_latest_good(checkpoint.abstract_like(state), log)
     if resumed is not None:

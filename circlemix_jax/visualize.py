@@ -1,9 +1,14 @@
-"""A figure like the paper's Figure 1: image pairs and their CutMix and CircleMix mixes.
+"""Figures of what the train step does to images.
 
     python -m circlemix_jax.visualize --config configs/c5.py --out mixed.png [--pairs 4]
+    python -m circlemix_jax.visualize --config configs/binary.py:scratch --mode=augment --out augment.png
 
+The default mode is like the paper's Figure 1: image pairs and their CutMix and
+CircleMix mixes. `--mode=augment` shows images (one per centre and class when
+the manifest has a `center` column) next to their stain jitter alone, colour
+jitter alone, and draws of the full train augmentation, at the config's strengths.
 Uses the configured data (the manifest, or the built-in synthetic set) and the
-exact `augment.mix` code of the train step, so what you see is what trains.
+exact code of the train step, so what you see is what trains.
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from circlemix_jax import augment, data, pipeline
+from circlemix_jax import augment, colour, data, pipeline, step
 from circlemix_jax.errors import exits_cleanly
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c5.py.", lock_config=True)
 _OUT = flags.DEFINE_string("out", "mixed.png", "Where to write the PNG grid.")
 _PAIRS = flags.DEFINE_integer("pairs", 4, "Number of image pairs (rows).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the pair choice and the masks.")
+_MODE = flags.DEFINE_enum("mode", "mix", ["mix", "augment"], "mix: CutMix/CircleMix pairs; "
+                          "augment: stain, colour and full train augmentation of single images.")
+_DRAWS = 3  # draws of each augmentation per image in --mode=augment
 
 
 def pick_pairs(labels: np.ndarray, num_pairs: int, seed: int) -> np.ndarray:
@@ -73,12 +81,89 @@ def make_figure(images: np.ndarray, labels: np.ndarray, class_names, num_pairs: 
     return fig
 
 
+def augment_columns(config, rng: jax.Array, image: np.ndarray) -> list[tuple[np.ndarray, str]]:
+    """(image, title) panels: the original, then `_DRAWS` each of stain, colour and full augmentation."""
+    options = config.augment.colour.to_dict()
+    stain = jax.jit(lambda k, x: colour.jitter_stain(k, x, strength=options["stain"]))
+    jitter = jax.jit(lambda k, x: colour.jitter_colour(
+        k, x, brightness=options["brightness"], contrast=options["contrast"], saturation=options["saturation"],
+        hue=options["hue"]))
+    full = jax.jit(lambda k, x: step.augment_images(config, k, x))
+    x = jnp.asarray(image, jnp.float32)[None] / 255.0
+    panels = [(image, "original")]
+    for name, fn in ((f"stain {options['stain']}", stain), ("colour", jitter), ("train aug.", full)):
+        for d in range(_DRAWS):
+            panels.append((np.asarray(fn(jax.random.fold_in(rng, d), x)[0]), name))
+    return panels
+
+
+def pick_examples(records, centers: np.ndarray | None, seed: int, num: int) -> np.ndarray:
+    """Row indices: one per (centre, class) when centres are known, else `num` at random."""
+    order = np.random.default_rng(seed).permutation(len(records))
+    if centers is None:
+        return order[:num]
+    seen, picked = set(), []
+    for i in order:
+        key = (centers[i], records.labels[i])
+        if key not in seen:
+            seen.add(key)
+            picked.append(i)
+    return np.array(sorted(picked, key=lambda i: (centers[i], records.labels[i])))
+
+
+def read_centers(manifest: str, paths) -> np.ndarray | None:
+    """The manifest's `center` column aligned with `paths`, or None without one."""
+    import csv  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    with open(manifest, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "center" not in rows[0]:
+        return None
+    root = os.path.dirname(os.path.abspath(manifest))
+    by_path = {os.path.normpath(os.path.join(root, r["path"].strip())): r["center"] for r in rows}
+    return np.array([by_path.get(os.path.normpath(p), "") for p in paths])
+
+
+def augment_figure(config, records, centers, seed: int, num: int = 6):
+    """The --mode=augment figure: one row per picked image."""
+    import matplotlib  # noqa: PLC0415 - headless backend before pyplot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    picked = pick_examples(records, centers, seed, num)
+    subset = records.take(picked)
+    images = pipeline.decode_all(subset.paths, config.data.image_size, config.data.workers, "decoding")
+    cols = 1 + 3 * _DRAWS
+    fig, axes = plt.subplots(len(picked), cols, figsize=(1.6 * cols, 1.7 * len(picked)), squeeze=False)
+    rng = jax.random.key(seed)
+    for row, (image, label) in enumerate(zip(images, subset.labels)):
+        where = f"{centers[picked[row]]}\n" if centers is not None else ""
+        for col, (img, title) in enumerate(augment_columns(config, jax.random.fold_in(rng, row), image)):
+            ax = axes[row][col]
+            ax.imshow(np.clip(img, 0, 1) if img.dtype != np.uint8 else img)
+            ax.set_title(f"{where}{records.class_names[label]}" if col == 0 else title, fontsize=7)
+            ax.axis("off")
+    c = config.augment.colour
+    fig.suptitle(f"Stain (OD) jitter, colour jitter (brightness {c.brightness}, contrast {c.contrast}, "
+                 f"saturation {c.saturation}, hue {c.hue}) and the full train augmentation", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 @exits_cleanly
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     records = data.read_manifest(data.manifest_path(config), config.class_names, config.data.label_map.to_dict())
+    if _MODE.value == "augment":
+        centers = read_centers(data.manifest_path(config), records.paths) if config.data.manifest else None
+        fig = augment_figure(config, records, centers, _SEED.value)
+        fig.savefig(_OUT.value, dpi=110)
+        print(f"wrote {_OUT.value}")
+        return
     rng = np.random.default_rng(_SEED.value)
     take = rng.choice(len(records), size=min(len(records), 64), replace=False)
     subset = records.take(np.sort(take))
