@@ -27,7 +27,7 @@ GRANULARITIES = ("batch", "example")
 LAM_MODES = ("pixels", "formula", "mask")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def border_position_map(height, width):
     """Border position T (degrees) of every pixel centre, for one image size.
 

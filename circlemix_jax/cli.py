@@ -15,7 +15,7 @@ import importlib.util
 import os
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from circlemix_jax.errors import EXIT_INTERRUPTED, EXIT_USAGE, InputError
 

@@ -28,7 +28,8 @@ import json
 import os
 import shutil
 import sys
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import flax.traverse_util as traverse
 import jax

@@ -48,7 +48,7 @@ class Records:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def take(self, idx: np.ndarray) -> "Records":
+    def take(self, idx: np.ndarray) -> Records:
         """The subset at `idx`."""
         return dataclasses.replace(self, paths=self.paths[idx], labels=self.labels[idx],
                                    raw_labels=self.raw_labels[idx], subjects=self.subjects[idx])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 F = TypeVar("F", bound=Callable)
 

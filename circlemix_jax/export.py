@@ -115,7 +115,7 @@ def exported(workdir: str, platforms=DEFAULT_PLATFORMS):
         "module_kept_var_idx": list(exp.module_kept_var_idx),
         "uses_global_constants": bool(exp.uses_global_constants),
         "jax_version": jax.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     return exp, meta
 

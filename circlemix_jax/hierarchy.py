@@ -15,7 +15,7 @@ import csv
 import io
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import ml_collections

@@ -14,7 +14,8 @@ Depthwise kernels are stored as (kh, kw, C) and run through
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

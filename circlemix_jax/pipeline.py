@@ -12,7 +12,7 @@ import concurrent.futures
 import os
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import grain
 import numpy as np

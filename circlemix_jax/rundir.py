@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import socket
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from etils import epath

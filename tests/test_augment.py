@@ -132,7 +132,7 @@ LABELS = jnp.array([0, 1, 2, 3, 4, 0])
 K = 5
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_mix(static):
     def run(rng, images, labels, prob, alpha, label_smoothing):
         return augment.mix(rng, images, labels, num_classes=K, prob=prob,

@@ -95,7 +95,8 @@ def test_class_missing_from_training_split(tmp_path, synthetic_manifest, workdir
     m = _write(tmp_path / "m.csv", rows)
     records = data.read_manifest(m, FIVE_CLASSES)
     fold = next(k for k in range(5) if "LONE" in set(records.subjects[data.make_split(records, k).test]))
-    _check(_train(m, workdir, f"--config.fold={fold}", config="configs/c5.py:smoke"), "solidified", "no training images")
+    _check(_train(m, workdir, f"--config.fold={fold}", config="configs/c5.py:smoke"), "solidified",
+           "no training images")
 
 
 def test_workdir_with_different_config(synthetic_manifest, workdir):

@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = (224, 256)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward(model):
     """One compile per model config and input shape, shared by sources with equal settings."""
     return jax.jit(functools.partial(model.apply, train=False))
@@ -325,11 +325,13 @@ def test_keras_layouts_agree(keras_ref):
 
 def test_keras_applications_normalisation_quirk():
     """keras-applications files store the ImageNet std as the variance; Keras divides by sqrt twice."""
-    stats = {"normalization/mean": np.float32(defaults.IMAGENET_MEAN), "normalization/variance": np.float32(defaults.IMAGENET_STD),
+    stats = {"normalization/mean": np.float32(defaults.IMAGENET_MEAN),
+             "normalization/variance": np.float32(defaults.IMAGENET_STD),
              "normalization/count": np.float32(0)}
     layers = ["input_1", "rescaling", "normalization", "stem_conv_pad"]
     mean, std, _ = ws.keras_input_normalisation(ws.KerasFile(dict(stats), layers, []), print)
-    assert mean == pytest.approx(defaults.IMAGENET_MEAN, abs=1e-6) and std == pytest.approx(defaults.IMAGENET_STD, abs=1e-6)
+    assert mean == pytest.approx(defaults.IMAGENET_MEAN, abs=1e-6)
+    assert std == pytest.approx(defaults.IMAGENET_STD, abs=1e-6)
     # A model saved with its config: the second Rescaling's factors are read, not assumed.
     configs = [{"class_name": "Rescaling", "config": {"name": "rescaling", "scale": 1 / 255, "offset": 0.0}},
                {"class_name": "Rescaling", "config": {"name": "rescaling_1", "scale": 2.0, "offset": 0.0}}]

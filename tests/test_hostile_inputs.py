@@ -120,8 +120,8 @@ def test_a_bad_test_image_stops_the_run_before_training(tmp_path, synthetic_mani
     victim = next(r for r in rows if r["subject"] == test_subject)
     victim["path"] = str(tmp_path / "gone.png")
     workdir = tmp_path / "run"
-    _one_line(_train(f"--config={SMOKE}", f"--workdir={workdir}", f"--config.data.manifest={_write(tmp_path / 'm.csv', rows)}"),
-              2, "gone.png")
+    manifest = _write(tmp_path / "m.csv", rows)
+    _one_line(_train(f"--config={SMOKE}", f"--workdir={workdir}", f"--config.data.manifest={manifest}"), 2, "gone.png")
     assert not workdir.exists()
 
 
@@ -166,7 +166,8 @@ def test_a_bad_value_fails_in_the_cli_before_the_workdir(existing_workdir):
 @pytest.mark.parametrize("args, needles", [
     (["--config=configs/nope.py"], ["config file not found", "configs/nope.py"]),
     (["--config=configs/binary.py:smok"], ["configs/binary.py", "smok", "neither"]),
-    ([f"--config={SMOKE}", "--config.optim.learning_rate=0.1"], ["optim.learning_rate", "did you mean --config.optim.lr"]),
+    ([f"--config={SMOKE}", "--config.optim.learning_rate=0.1"],
+     ["optim.learning_rate", "did you mean --config.optim.lr"]),
     ([f"--config={SMOKE}", "--config.batch_size=abc"], ["batch_size", "abc"]),
     (["--workdir=/tmp/x"], ["missing --config"]),
     ([f"--config={SMOKE}", "--no_such_flag=1"], ["no_such_flag"]),

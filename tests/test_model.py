@@ -24,7 +24,8 @@ def test_output_shape_and_train_mode():
     assert logits.shape == (2, 5) and logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
     out, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
     assert out.shape == (2, 5)
-    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updates["batch_stats"])
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
+                                     updates["batch_stats"])
     assert all(jax.tree_util.tree_leaves(changed))  # every BatchNorm updated its statistics
 
 

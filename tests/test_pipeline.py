@@ -40,7 +40,7 @@ def test_decode_converts_modes(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
     Image.fromarray(np.dstack([rgb, np.full((20, 30), 255, np.uint8)])).save(tmp_path / "rgba.png")
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(tmp_path / "16bit.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(tmp_path / "16bit.png")
     out = pipeline.decode_all([str(tmp_path / f) for f in ("rgb.png", "gray.png", "rgba.png", "16bit.png")], 16)
     assert out.shape == (4, 16, 16, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out[0], out[2])  # opaque alpha changes nothing

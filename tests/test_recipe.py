@@ -275,8 +275,9 @@ def test_exact_resume_with_ema_after_sigkill(tmp_path):
     proc.wait()
     resumed = run_cli(*cmd, f"--workdir={killed}", timeout=1200)
     assert resumed.returncode == 0 and "resuming from step" in resumed.stdout, resumed.stderr[-3000:]
-    with open(os.path.join(whole, "test_predictions.csv")) as a, open(os.path.join(killed, "test_predictions.csv")) as b:
-        assert a.read() == b.read()
+    with open(os.path.join(whole, "test_predictions.csv")) as a:
+        with open(os.path.join(killed, "test_predictions.csv")) as b:
+            assert a.read() == b.read()
 
 
 # --- mask-weighted lambda (issue section 4) --------------------------------------

@@ -52,7 +52,8 @@ def test_one_and_four_devices_agree(batch):
     # And the step did something: parameters moved.
     init_model = step.make_model(_config())
     v0 = init_model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
-    assert any(not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(v0["params"]), jax.tree_util.tree_leaves(s1.params)))
+    leaves = zip(jax.tree_util.tree_leaves(v0["params"]), jax.tree_util.tree_leaves(s1.params))
+    assert any(not np.allclose(a, b) for a, b in leaves)
 
 
 def test_lr_argument_sets_the_step_size(batch):
