@@ -23,6 +23,8 @@ Variants (the part after ':' in --config, comma-separated):
                             compilation cache: 36 min wall, 17.5 CPU-minutes, on the 2-core CPU while
                             other jobs kept its load near 10; alone it should take about the CPU time.
                             Scores are at chance (a dozen steps): it checks the plumbing, not CircleMix.
+  configs/paper.py:scratch  every run with the from-scratch recipe of configs/c5.py:scratch (combines:
+                            scratch,loco).
   configs/paper.py:loco     leave one centre out: base.split='leave_one_center_out' and folds=() (every
                             centre of the manifest's `center` column in turn), e.g.
                             --config=configs/paper.py:loco --config.stages="('binary',)"
@@ -44,8 +46,8 @@ PER_RUN_FIELDS = ("stage", "classes", "class_names", "parent_workdir", "fold")
 
 def get_config(arg: str = ""):
     words = [w for w in arg.split(",") if w]
-    if any(w not in ("smoke", "loco") for w in words):
-        raise ValueError(f"config arg {arg!r} must be '' or comma-separated words from 'smoke', 'loco'")
+    if any(w not in ("smoke", "loco", "scratch") for w in words):
+        raise ValueError(f"config arg {arg!r} must be '' or comma-separated words from 'smoke', 'loco', 'scratch'")
     c = ml_collections.ConfigDict()
     c.folds = (0, 1, 2, 3, 4)  # () = every fold (every centre when leaving centres out)
     c.seeds = ()  # initialisation seeds; () = base.seed alone, in the seed-less run layout
@@ -54,7 +56,7 @@ def get_config(arg: str = ""):
     # The pooled interval: a percentile bootstrap over subjects, fixed so that tables are reproducible.
     c.bootstrap_resamples = 2000
     c.bootstrap_seed = 0
-    base = defaults.get_config("c5", "smoke" if "smoke" in words else "")
+    base = defaults.get_config("c5", ",".join(w for w in words if w in ("smoke", "scratch")))
     base.unlock()
     for field in PER_RUN_FIELDS:
         del base[field]
