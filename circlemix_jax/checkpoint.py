@@ -9,6 +9,7 @@ position and the PRNG stream are functions of the step counter (see
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -81,13 +82,26 @@ class RunCheckpoints:
         """
         manager = self._managers[kind]
         step = manager.latest_step() if step is None else step
-        try:
+
+        def read(target):
             out = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
-            progress = dict(out.progress)
+                state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()))
+            return out.state, dict(out.progress)
+
+        try:
+            try:
+                return read(abstract_state)
+            except ValueError:
+                if getattr(abstract_state, "ema", True) is not None:
+                    raise
+                # Checkpoints from before the state had an `ema` field lack it on disk, and Orbax
+                # will not match a missing None: read the other fields, then put the None back.
+                fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
+                          if f.name != "ema"}
+                state, progress = read(fields)
+                return type(abstract_state)(**state), progress
         except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types for bad files
             raise DamagedCheckpoint(os.path.join(self._root, kind, str(step)), e) from None
-        return out.state, progress
 
     def restore_latest_good(self, abstract_state: Any, log) -> tuple[Any, dict] | None:
         """The newest readable checkpoint to resume from: `latest`, its previous step, then `best`.

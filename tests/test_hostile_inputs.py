@@ -371,3 +371,30 @@ def test_sigterm_while_starting_up_exits_zero_with_a_message(tmp_path):
     assert "Traceback" not in out + err
     assert "SIGTERM" in err and "rerun the same command" in err, err[-2000:]
     assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+
+
+def test_checkpoints_from_before_the_ema_field_still_restore(tmp_path):
+    """Runs saved before TrainState had `ema` must still predict and resume (ema=None)."""
+    from typing import Any
+
+    import jax.numpy as jnp
+    from flax import struct
+
+    from circlemix_jax import checkpoint, step
+
+    @struct.dataclass
+    class OldState:
+        step: Any
+        params: Any
+        batch_stats: Any
+        opt_state: Any
+
+    old = OldState(jnp.array(3), {"w": jnp.arange(4.0)}, {"m": jnp.ones(2)}, {"mu": jnp.zeros(4)})
+    ckpts = checkpoint.RunCheckpoints(str(tmp_path))
+    ckpts.save(checkpoint.BEST, 3, old, {"epochs_done": 1})
+    ckpts.wait()
+    new = step.TrainState(step=old.step, params=old.params, batch_stats=old.batch_stats, opt_state=old.opt_state)
+    state, progress = ckpts.restore(checkpoint.BEST, checkpoint.abstract_like(new))
+    ckpts.close()
+    assert state.ema is None and progress == {"epochs_done": 1}
+    np.testing.assert_array_equal(state.params["w"], np.arange(4.0))
