@@ -92,14 +92,14 @@ class RunCheckpoints:
             try:
                 return read(abstract_state)
             except ValueError:
-                if getattr(abstract_state, "ema", True) is not None:
+                if not dataclasses.is_dataclass(abstract_state):
                     raise
-                # Checkpoints from before the state had an `ema` field lack it on disk, and Orbax
-                # will not match a missing None: read the other fields, then put the None back.
-                fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
-                          if f.name != "ema"}
-                state, progress = read(fields)
-                return type(abstract_state)(**state), progress
+                # Checkpoints from before the state gained an optional field (such as `ema`) lack
+                # it on disk, and Orbax will not match a missing None: read the fields that hold
+                # arrays, then put the Nones back.
+                fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+                state, progress = read({k: v for k, v in fields.items() if v is not None})
+                return type(abstract_state)(**{**fields, **state}), progress
         except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types for bad files
             raise DamagedCheckpoint(os.path.join(self._root, kind, str(step)), e) from None
 
