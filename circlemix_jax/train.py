@@ -159,7 +159,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model = steplib.make_model(config)
     tx = steplib.make_optimizer(config)
     state = steplib.replicate(steplib.init_state(initial_variables(config, model, size), tx,
-                                                 ema=steplib.ema_enabled(config)), mesh)
+                                                 ema=steplib.ema_enabled(config),
+                                                 log_prior=steplib.log_prior(config, train_y)), mesh)
     ckpts = checkpoint.RunCheckpoints(workdir)
     progress = {"epochs_done": 0, "best_val_balanced_accuracy": -1.0, "best_epoch": -1, "history": []}
     if ckpts.latest_step() is not None:
