@@ -98,7 +98,8 @@ def bench_model(batch: int, res: int, steps: int, mix: str, dtype: str) -> dict:
     # An 'rbg' key: initial values only need to be a valid init here, and it compiles
     # model.init in about 2/3 of threefry's CPU time (measured 16.7 s vs 24.7 s).
     variables = jax.jit(lambda k: model.init(k, dummy, train=False))(jax.random.key(0, impl="rbg"))
-    state = step.replicate(step.init_state(variables, tx, ema=step.ema_enabled(config)), mesh)
+    state = step.replicate(step.init_state(variables, tx, ema=step.ema_enabled(config),
+                                           log_prior=step.log_prior(config, np.arange(len(config.classes)))), mesh)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
 

@@ -121,6 +121,7 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     c.optim.nesterov = False
     c.optim.weight_decay = 0.0  # L2 on conv and dense kernels (not BatchNorm, not biases).
     c.optim.ema_decay = 0.0  # > 0: evaluate an exponential moving average of the weights.
+    c.optim.logit_adjust = 0.0  # tau > 0: logit-adjusted loss, so argmax targets balanced accuracy.
 
     # Evaluation (checked by decision.check_options). Off by default: the paper's argmax.
     c.eval = ml_collections.ConfigDict()
@@ -156,20 +157,22 @@ def scratch(c: ml_collections.ConfigDict) -> None:
     its short step schedule leaves the network undertrained and its choice of
     epoch noisy. This recipe trains longer at a lower resolution, warms up and
     decays along a cosine, regularises (weight decay, label smoothing),
-    evaluates an average of the weights, and makes colour and orientation
+    evaluates an average of the weights, adjusts the loss for the class prior
+    (so the argmax targets balanced accuracy), and makes colour and orientation
     uninformative: the public set's centres differ in stain and in their share of
     sclerotic glomeruli, so colour is a shortcut that fails on a new centre.
     Sized to train one fold of the public set in under 30 minutes on a 2-core CPU.
     """
-    c.data.image_size = 128
+    c.data.image_size = 96
     c.batch_size = 32
-    c.num_epochs = 40
+    c.num_epochs = 30
     c.optim.lr = 0.05
     c.optim.schedule = "cosine"
     c.optim.warmup_epochs = 2.0
     c.optim.nesterov = True
     c.optim.weight_decay = 5e-4
     c.optim.ema_decay = 0.99
+    c.optim.logit_adjust = 1.0  # the public set is 22% sclerotic: without it, errors were one-sided
     c.mix.label_smoothing = 0.1
     c.augment.transpose = True
     c.augment.crop_fraction = 16 / 256  # the paper's 16 px at 256 px, at any size

@@ -81,8 +81,9 @@ def restore_best(workdir: str, config):
     model = steplib.make_model(config, axis_name=None)
     tx = steplib.make_optimizer(config)
     dummy = np.zeros((1, config.data.image_size, config.data.image_size, 3), np.float32)
+    prior = steplib.log_prior(config, np.arange(len(config.classes)))  # only its shape matters here
     abstract = jax.eval_shape(lambda: steplib.init_state(model.init(jax.random.key(0), dummy, train=False), tx,
-                                                         ema=steplib.ema_enabled(config)))
+                                                         ema=steplib.ema_enabled(config), log_prior=prior))
     ckpts = checkpoint.RunCheckpoints(workdir)
     try:
         state, _ = ckpts.restore(checkpoint.BEST, abstract)

@@ -43,6 +43,10 @@ class TrainState:
     # {'params', 'batch_stats'} averaged over steps (`optim.ema_decay` > 0), else None.
     # In the state, so Orbax checkpoints it with everything else and resume stays exact.
     ema: Any = None
+    # log class prior (K,) of the training set when the loss is logit-adjusted
+    # (`optim.logit_adjust` > 0), else None; a per-fold constant kept in the state so
+    # folds share one compiled step and a resume restores it.
+    log_prior: Any = None
 
 
 def make_model(config, axis_name: str | None = AXIS) -> EfficientNetB0:
@@ -78,6 +82,7 @@ def check_optim(config) -> None:
          f"in [0, num_epochs={config.num_epochs}]"),
         ("weight_decay", _optim(config, "weight_decay", 0.0), lambda v: 0 <= v < 1, "in [0, 1)"),
         ("ema_decay", _optim(config, "ema_decay", 0.0), lambda v: 0 <= v < 1, "in [0, 1) (0 = off)"),
+        ("logit_adjust", _optim(config, "logit_adjust", 0.0), lambda v: 0 <= v <= 2, "in [0, 2] (0 = off)"),
     )
     for name, value, ok, allowed in checks:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
@@ -161,6 +166,19 @@ def ema_update(ema: Any, params: Any, batch_stats: Any, step: jax.Array, decay: 
     return jax.tree_util.tree_map(lambda e, x: d * e + (1.0 - d) * x, ema, new)
 
 
+def log_prior(config, labels: np.ndarray) -> np.ndarray | None:
+    """log of the training set's class frequencies (add-one smoothed), or None when unused.
+
+    Args:
+      config: the run's config; None unless `optim.logit_adjust` > 0.
+      labels: the training labels, ids into the stage's classes.
+    """
+    if _optim(config, "logit_adjust", 0.0) <= 0:
+        return None
+    counts = np.bincount(np.asarray(labels), minlength=len(config.classes)).astype(np.float64)
+    return np.log((counts + 1.0) / (counts.sum() + len(counts))).astype(np.float32)
+
+
 def eval_variables(state: TrainState) -> dict:
     """The variables every evaluation uses: the EMA weights when the run keeps them.
 
@@ -172,14 +190,19 @@ def eval_variables(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def init_state(variables: dict, tx: optax.GradientTransformation, ema: bool = False) -> TrainState:
-    """A fresh train state from model variables; `ema` starts the average at them."""
+def init_state(variables: dict, tx: optax.GradientTransformation, ema: bool = False,
+               log_prior: np.ndarray | None = None) -> TrainState:
+    """A fresh train state from model variables; `ema` starts the average at them.
+
+    `log_prior` (see `log_prior`) switches on the logit-adjusted loss.
+    """
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     average = None
     if ema:  # copies, so the average never aliases the donated live weights
         average = jax.tree_util.tree_map(jnp.array, {"params": params, "batch_stats": batch_stats})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params), ema=average)
+                      opt_state=tx.init(params), ema=average,
+                      log_prior=None if log_prior is None else jnp.asarray(log_prior, jnp.float32))
 
 
 def augment_geometry(config, rng: jax.Array, x: jax.Array) -> jax.Array:
@@ -247,7 +270,11 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, lr: jax.Array, *,
         # with pmean, not on the gradients afterwards: params are device-invariant under
         # shard_map, so autodiff already sums their cotangents over the axis, and the
         # gradient of this pmean is exactly the global-mean gradient.
-        loss = lax.pmean(optax.softmax_cross_entropy(logits, soft_labels).mean(), AXIS)
+        # Logit adjustment (Menon et al. 2021): the loss sees logits + tau * log prior, so
+        # the raw logits, which every evaluation uses, learn the class-balanced decision
+        # and their argmax targets balanced accuracy instead of accuracy.
+        adjusted = logits if state.log_prior is None else logits + config.optim.logit_adjust * state.log_prior
+        loss = lax.pmean(optax.softmax_cross_entropy(adjusted, soft_labels).mean(), AXIS)
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -259,7 +286,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, lr: jax.Array, *,
     ema = state.ema
     if ema is not None:
         ema = ema_update(ema, params, batch_stats, state.step, config.optim.ema_decay)
-    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema)
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema,
+                           log_prior=state.log_prior)
     new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     accuracy = lax.pmean(jnp.mean(jnp.argmax(logits, -1) == batch["label"]), AXIS)
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,

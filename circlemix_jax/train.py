@@ -171,7 +171,9 @@ def prepare(inputs: Inputs, ckpts: checkpoint.RunCheckpoints) -> tuple[Machinery
     model = steplib.make_model(config)
     tx = steplib.make_optimizer(config)
     variables = initial_variables(config, model, config.data.image_size)
-    state = steplib.replicate(steplib.init_state(variables, tx, ema=steplib.ema_enabled(config)), mesh)
+    state = steplib.replicate(steplib.init_state(variables, tx, ema=steplib.ema_enabled(config),
+                                                 log_prior=steplib.log_prior(config, inputs.parts["train"].labels)),
+                              mesh)
     progress = {"epochs_done": 0, "best_val_balanced_accuracy": -1.0, "best_epoch": -1, "history": []}
     resumed = ckpts.restore_latest_good(checkpoint.abstract_like(state), log)
     if resumed is not None:

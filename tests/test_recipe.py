@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from circlemix_jax import augment, config_check, defaults, step
 from circlemix_jax.errors import InputError
@@ -70,7 +71,6 @@ def test_switches_must_be_booleans():
 def test_cosine_schedule_matches_optax():
     c = _config(lr=0.05, schedule="cosine", warmup_epochs=2.0)
     spe = 7
-    total = c.num_epochs * spe
     with c.unlocked():
         c.num_epochs = 10
     total = c.num_epochs * spe
@@ -94,14 +94,12 @@ def test_nesterov_and_weight_decay_against_a_hand_computation():
                                                                 "bias": jnp.full((3,), 2.0)}}
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
     state = tx.init(params)
-    m, lr = 0.9, 0.1
-    trace = {"k": 0.0, "b": 0.0}
     for _ in range(3):
         updates, state = tx.update(grads, state, params)
         params = optax.apply_updates(params, updates)
-        # Hand: g += wd * w (kernels only); trace = g + m * trace; step = -lr * (g + m * trace).
-        pass
-    # Recompute by hand in numpy.
+    # By hand: g += wd * w (kernels only); trace = g + m * trace; w -= lr * (g + m * trace).
+    m, lr = 0.9, 0.1
+    trace = {"k": 0.0, "b": 0.0}
     w = {"k": 2.0, "b": 2.0}
     for _ in range(3):
         for name, wd in (("k", 0.01), ("b", 0.0)):
@@ -305,7 +303,7 @@ def test_mix_with_mask_lambda(method):
     masks = jnp.asarray(np.stack([disc, corner, disc, corner]))
     labels = jnp.array([0, 1, 0, 1])
     for seed in range(4):
-        kw = dict(num_classes=2, method=method, granularity="example")
+        kw = {"num_classes": 2, "method": method, "granularity": "example"}
         out, soft, lam = augment.mix(jax.random.key(seed), x, labels, lam_mode="mask", masks=masks, **kw)
         _, _, lam_px = augment.mix(jax.random.key(seed), x, labels, lam_mode="pixels", **kw)
         region = np.asarray(out[..., 0]) == np.asarray(x[..., 0])  # pixels of the example itself
@@ -350,8 +348,55 @@ def test_mask_channel_follows_the_geometry_and_is_split_off(tmp_path):
     copy = np.concatenate([images, images[..., :1]], -1)  # mask = the red channel
     moved = np.asarray(step.augment_geometry(c, jax.random.key(0), jnp.asarray(copy, jnp.float32)))
     np.testing.assert_array_equal(moved[..., 3], moved[..., 0])
-    x, soft, lam = step.prepare_images(c, jax.random.key(0), jnp.asarray(four), jnp.array([0, 1]))
+    x, soft, _ = step.prepare_images(c, jax.random.key(0), jnp.asarray(four), jnp.array([0, 1]))
     assert x.shape == (2, 20, 20, 3) and soft.shape == (2, 2)
     (tmp_path / "bad.csv").write_text("path,label,subject\ni0.png,normal,s0\n")
     with pytest.raises(InputError, match="'mask' column"):
         masklib.mask_paths(str(tmp_path / "bad.csv"), paths)
+
+
+# --- the train step with EMA and logit adjustment, on a tiny stand-in model ------
+
+def _tiny_model():
+    import flax.linen as nn
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            h = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name=step.AXIS if train else None)(
+                x.mean((1, 2)))
+            return nn.Dense(2)(h)
+
+    return Tiny()
+
+
+def test_train_step_keeps_the_ema_and_adjusts_the_loss_by_the_prior():
+    c = _config(ema_decay=0.9, logit_adjust=1.0)
+    with c.unlocked():
+        c.augment.basic = False
+    model = _tiny_model()
+    x = np.random.default_rng(0).integers(0, 255, (8, 8, 8, 3), np.uint8)
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int32)
+    variables = model.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
+    tx = step.make_optimizer(c)
+    prior = step.log_prior(c, labels)
+    np.testing.assert_allclose(prior, np.log([7 / 10, 3 / 10]), rtol=1e-6)
+    assert step.log_prior(_config(), labels) is None
+    state = step.init_state(variables, tx, ema=True, log_prior=prior)
+    mesh = step.make_mesh(1)
+    train = step.parallel_train_step(c, model, tx, mesh)
+    new, metrics = train(step.replicate(state, mesh), step.shard_batch({"image": x, "label": labels}, mesh),
+                         jax.random.key(0), np.float32(0.1))
+    xn = jnp.asarray((x / 255.0 - np.asarray(c.data.mean)) / np.asarray(c.data.std), jnp.float32)
+    logits, _ = jax.shard_map(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), mesh=mesh,
+                              in_specs=(P(), P(step.AXIS)), out_specs=(P(step.AXIS), P()))(variables, xn)
+    want = optax.softmax_cross_entropy(logits + prior, jax.nn.one_hot(labels, 2)).mean()
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
+    unadjusted = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, 2)).mean()
+    assert abs(float(want) - float(unadjusted)) > 1e-3
+    new = jax.device_get(new)
+    ema = step.ema_update(variables, new.params, new.batch_stats, jnp.asarray(0), 0.9)
+    for a, b in zip(jax.tree_util.tree_leaves(new.ema), jax.tree_util.tree_leaves(ema)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(new.log_prior, prior)
+    assert not np.allclose(new.ema["params"]["Dense_0"]["kernel"], new.params["Dense_0"]["kernel"])
