@@ -105,6 +105,11 @@ def check_run_config(config, num_devices: int = 1) -> None:
     step.check_optim(config)
     augment.check_geometry(config.augment)
     colour.check_options(config.augment.colour)
+    if config.eval.decision == "prior" and config.optim.get("logit_adjust", 0.0) > 0:
+        # The logit-adjusted loss already makes the argmax the balanced decision; subtracting
+        # the prior again at test time would overcorrect towards the rare class.
+        raise _fail("eval.decision", "prior", "double-counts the class prior with optim.logit_adjust > 0; "
+                    "use 'argmax' (or 'val') with the logit-adjusted loss")
     if config.mix.lam_mode == "mask" and config.mix.method not in ("none", "cutmix", "circlemix"):
         raise _fail("mix.lam_mode", "mask", f"works with cutmix and circlemix, not {config.mix.method!r}")
     if config.split == "subject_kfold":  # a centre's index is checked against the manifest's centres
