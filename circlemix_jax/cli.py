@@ -230,13 +230,15 @@ def parse_flags(argv: Sequence[str], config_flags: Sequence[str] = ()) -> list[s
     Returns:
       The remaining positional arguments, as `flags.FLAGS(argv)` returns them.
     """
-    from absl import flags  # noqa: PLC0415
+    from absl import app, flags  # noqa: PLC0415
 
+    if any(a in ("--help", "-h", "-?") for a in argv[1:]):
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own help exits 1
     try:
         for name in config_flags:
             spec = _flag_value(argv, name)
             if spec is None:
-                if any(a == "--help" or a == "--helpfull" for a in argv):
+                if "--helpfull" in argv:
                     break
                 raise ValueError(f"missing --{name}=FILE, e.g. --{name}=configs/c5.py")
             check_config_overrides(argv, name, load_config_file(spec))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import TypeVar
 from collections.abc import Callable
@@ -30,6 +31,10 @@ def exits_cleanly(fn: F) -> F:
         except InputError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USAGE)
+        except BrokenPipeError:
+            # The reader went away (`... | head`): stop quietly, without a traceback about stdout.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except KeyboardInterrupt:
             # Commands without a training loop have nothing to save: Ctrl-C ends them at once.
             print("\ninterrupted (SIGINT); nothing was written", file=sys.stderr, flush=True)

@@ -2,6 +2,21 @@
 
     python -m circlemix_jax.main --config configs/c5.py [--workdir DIR] [--config.fold=K] [--config.FIELD=VALUE]
 
+Stages (one config file each): configs/c5.py (five classes), configs/nc2.py,
+configs/c3.py, configs/c2.py (children, fine-tuned from C5's best checkpoint),
+configs/binary.py (global sclerosis vs the rest).
+
+Config arguments, after ':' and comma-separated: smoke (a tiny run), scratch
+(the recipe without ImageNet weights), and a method: baseline, mixup, cutmix,
+circlemix. Example: --config=configs/binary.py:scratch,circlemix
+
+Most-used fields: data.manifest (CSV path,label,subject[,center]; '' = the
+built-in synthetic set), fold, split (subject_kfold | leave_one_center_out),
+seed (initialisation) and split_seed, data.image_size, num_epochs, batch_size,
+optim.lr, mix.method, model.init_from (converted ImageNet weights), eval.tta,
+eval.decision (argmax | prior | val). --print_config prints every field of the
+resolved config and exits without touching the workdir.
+
 Multi-process (one process per host, e.g. a TPU pod or several GPU nodes): run the
 same command in every process, adding `--distributed` where JAX can detect the
 cluster (Cloud TPU VMs, SLURM, Open MPI), or else `--coordinator=HOST:PORT
@@ -34,6 +49,8 @@ EXIT_NONFINITE = 3
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c5.py or configs/c5.py:smoke.",
                                           lock_config=True)
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config (every field, after the "
+                                   "overrides) and exit without touching the workdir.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default runs/<stage>/<method>/fold<k>.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-process job, detecting the cluster "
                                  "(Cloud TPU VM, SLURM, Open MPI); implied by the three flags below.")
@@ -53,6 +70,10 @@ def main(argv) -> None:
     from circlemix_jax import train  # noqa: PLC0415 - after distributed init
 
     config = _CONFIG.value
+    if _PRINT_CONFIG.value:
+        print(config.to_json_best_effort(indent=1, sort_keys=True))
+        print(f"# workdir: {_WORKDIR.value or defaults.default_workdir(config)}")
+        return
     stop = STOP or install_stop_handlers()  # an entry-point script imports this module, then calls run()
     try:
         train.train_and_evaluate(config, _WORKDIR.value or defaults.default_workdir(config), stop=stop)

@@ -399,3 +399,22 @@ def test_checkpoints_from_before_the_ema_field_still_restore(tmp_path):
     ckpts.close()
     assert state.ema is None and progress == {"epochs_done": 1}
     np.testing.assert_array_equal(state.params["w"], np.arange(4.0))
+
+
+def test_print_config_shows_the_overrides_and_touches_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    result = _train("--config=configs/binary.py:scratch", "--config.optim.lr=0.123", f"--workdir={workdir}",
+                    "--print_config", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    printed = json.loads(result.stdout.split("\n# workdir")[0])
+    assert printed["optim"]["lr"] == 0.123 and printed["optim"]["schedule"] == "cosine"
+    assert not workdir.exists()
+
+
+def test_help_lists_stages_arguments_and_fields():
+    result = _train("--help", timeout=120)
+    assert result.returncode == 0
+    for word in ("configs/nc2.py", "scratch", "circlemix", "data.manifest", "--print_config"):
+        assert word in result.stdout, word
