@@ -7,9 +7,9 @@ Variants (the part after ':' in --config):
   configs/binary.py:smoke             tiny run for tests (32 px, 2 epochs): seconds of training plus 1-2 min of compilation
   configs/binary.py:circlemix         CircleMix (also: baseline, cutmix, mixup; combine as smoke,circlemix)
   configs/binary.py:scratch           the recommended recipe without ImageNet weights (defaults.scratch:
-                                      128 px, 40 epochs, cosine lr with warm-up, Nesterov, weight decay,
-                                      EMA weights, label smoothing, 8 dihedral views, small rotations,
-                                      colour and stain jitter); combine as scratch,circlemix. Sized to
+                                      96 px, 30 epochs, cosine lr with warm-up, Nesterov, weight decay,
+                                      EMA weights, logit-adjusted loss, label smoothing, 8 dihedral views,
+                                      small rotations, colour and stain jitter); combine as scratch,circlemix. Sized to
                                       train one fold in under 30 minutes on a 2-core CPU:
                                         python -m circlemix_jax.main --config configs/binary.py:scratch --config.data.manifest=../shared/data/glomeruli-bueno/manifest.csv
                                       Measured results: docs/RESULTS.md ("From scratch").
