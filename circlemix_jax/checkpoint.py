@@ -9,6 +9,7 @@ position and the PRNG stream are functions of the step counter (see
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -68,8 +69,18 @@ class RunCheckpoints:
         """Restores (state, progress) of `kind` onto the shardings in `abstract_state`."""
         manager = self._managers[kind]
         step = manager.latest_step() if step is None else step
-        out = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
+        except ValueError:
+            # A checkpoint saved before the state gained optional fields (None when their
+            # feature is off, e.g. `ema`) lacks them on disk: restore the others alone.
+            fields = _present_fields(abstract_state)
+            if fields is None:
+                raise
+            out = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(fields), progress=ocp.args.JsonRestore()))
+            return abstract_state.replace(**out.state), dict(out.progress)
         return out.state, dict(out.progress)
 
     def wait(self, kind: str | None = None) -> None:
@@ -110,6 +121,16 @@ class RunCheckpoints:
     def close(self) -> None:
         for m in self._managers.values():
             m.close()
+
+
+def _present_fields(state: Any) -> dict | None:
+    """The non-None fields of a dataclass state as a dict, or None when there are none to drop."""
+    if not dataclasses.is_dataclass(state):
+        return None
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    if all(v is not None for v in fields.values()):
+        return None
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _storage_error(e: Exception, what: str) -> InputError | None:

@@ -248,7 +248,8 @@ def _run_epochs(config, state, progress, train_fn, eval_fn, mesh, ckpts, writer,
         train_img_s = seen / max(time.time() - t0, 1e-9)
         logits = evaluate(eval_fn, state, val_x, val_y, config.eval_batch_size, mesh)
         val = classification_metrics(val_y, logits.argmax(-1), _names(config))
-        improved = val["balanced_accuracy"] > progress["best_val_balanced_accuracy"]
+        improved = (val["balanced_accuracy"] > progress["best_val_balanced_accuracy"]
+                    and steplib.selectable_epoch(config, epoch))  # recipe: config.select_from
         progress["epochs_done"] = epoch + 1
         progress["history"].append({"epoch": epoch + 1, "val_balanced_accuracy": val["balanced_accuracy"],
                                     "val_balanced_f1": val["balanced_f1"]})
