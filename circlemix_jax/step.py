@@ -87,6 +87,9 @@ def check_optim(config) -> None:
     for name, value, ok, allowed in checks:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
             raise InputError(f"config field optim.{name}={value!r} must be a number {allowed}")
+    select_from = config.get("select_from", 0.0)
+    if isinstance(select_from, bool) or not isinstance(select_from, (int, float)) or not 0 <= select_from <= 1:
+        raise InputError(f"config field select_from={select_from!r} must be a number in [0, 1]")
     if _optim(config, "schedule", "step") not in SCHEDULES:
         raise InputError(f"config field optim.schedule={o.schedule!r} must be one of {SCHEDULES}")
     if not isinstance(_optim(config, "nesterov", False), bool):
@@ -177,6 +180,18 @@ def log_prior(config, labels: np.ndarray) -> np.ndarray | None:
         return None
     counts = np.bincount(np.asarray(labels), minlength=len(config.classes)).astype(np.float64)
     return np.log((counts + 1.0) / (counts.sum() + len(counts))).astype(np.float32)
+
+
+def selectable_epoch(config, epoch: int) -> bool:
+    """Whether epoch `epoch` (0-based) may become the best checkpoint.
+
+    `select_from` (a fraction of `num_epochs`, default 0) keeps the early epochs out:
+    with a small validation set, a high learning rate makes some early epoch score
+    well by chance, and picking it discards the annealed end of a cosine run. The
+    last epoch is always eligible, so every run has a best checkpoint.
+    """
+    first = int(np.ceil(config.get("select_from", 0.0) * config.num_epochs))
+    return epoch + 1 >= min(max(first, 1), config.num_epochs)
 
 
 def eval_variables(state: TrainState) -> dict:

@@ -333,7 +333,8 @@ def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: Stop
             logits = evaluate(m.eval_fn, state, val_x, val_y, config.eval_batch_size, m.mesh)
             val = classification_metrics(val_y, logits.argmax(-1), inputs.parts["val"].class_names)
             writer.evaluation(step, "val", val, loss=summary.cross_entropy(logits, val_y))
-            improved = val["balanced_accuracy"] > progress["best_val_balanced_accuracy"]
+            improved = (val["balanced_accuracy"] > progress["best_val_balanced_accuracy"]
+                        and steplib.selectable_epoch(config, epoch))  # config.select_from
             progress["epochs_done"] = epoch + 1
             progress["history"].append({"epoch": epoch + 1, "val_balanced_accuracy": val["balanced_accuracy"],
                                         "val_balanced_f1": val["balanced_f1"]})

@@ -8,7 +8,8 @@ Arguments (the part after ':' in --config, comma-separated):
   smoke      a tiny run for tests (32 px, 2 epochs)
   scratch    the recommended recipe without ImageNet weights (`defaults.scratch`): cosine lr with
              warm-up, Nesterov, weight decay, EMA weights, label smoothing, logit-adjusted loss,
-             8 dihedral views, small rotations, colour and stain jitter; sized to train one fold
+             the best epoch chosen from the second half, 8 dihedral views, small rotations,
+             colour and stain jitter at 96 px for 30 epochs; sized to train one fold
              of the public set in under 30 minutes on a 2-core CPU
   baseline, mixup, cutmix, circlemix
              the mixing method, e.g. configs/binary.py:scratch,circlemix

@@ -7,7 +7,8 @@ Arguments (the part after ':' in --config, comma-separated):
   smoke      a tiny run for tests (32 px, 2 epochs)
   scratch    the recommended recipe without ImageNet weights (`defaults.scratch`): cosine lr with
              warm-up, Nesterov, weight decay, EMA weights, label smoothing, logit-adjusted loss,
-             8 dihedral views, small rotations, colour and stain jitter
+             the best epoch chosen from the second half, 8 dihedral views, small rotations,
+             colour and stain jitter at 96 px for 30 epochs
   baseline, mixup, cutmix, circlemix
              the mixing method, e.g. configs/c5.py:scratch,circlemix
 

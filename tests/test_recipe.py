@@ -60,6 +60,23 @@ def test_bad_recipe_fields_are_named(field, value):
         config_check.check_run_config(c)
 
 
+def test_best_epoch_is_chosen_from_select_from_on():
+    c = _config()
+    with c.unlocked():
+        c.num_epochs = 10
+    assert all(step.selectable_epoch(c, e) for e in range(10))
+    with c.unlocked():
+        c.select_from = 0.5
+    assert [step.selectable_epoch(c, e) for e in range(10)] == [False] * 4 + [True] * 6
+    with c.unlocked():
+        c.select_from = 1.0
+    assert [step.selectable_epoch(c, e) for e in range(10)] == [False] * 9 + [True]
+    with c.unlocked():
+        c.select_from = 1.5
+    with pytest.raises(InputError, match="select_from"):
+        defaults.check(c)
+
+
 def test_switches_must_be_booleans():
     # ConfigDict already refuses a str for a bool field; a JSON-edited mapping may not.
     with pytest.raises(InputError, match="augment.transpose"):
@@ -400,3 +417,31 @@ def test_train_step_keeps_the_ema_and_adjusts_the_loss_by_the_prior():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(new.log_prior, prior)
     assert not np.allclose(new.ema["params"]["Dense_0"]["kernel"], new.params["Dense_0"]["kernel"])
+
+
+def test_checkpoints_from_before_the_optional_fields_still_restore(tmp_path):
+    from typing import Any
+
+    from flax import struct
+
+    from circlemix_jax import checkpoint
+
+    @struct.dataclass
+    class OldState:  # the train state as it was before `ema` and `log_prior`
+        step: Any
+        params: Any
+        batch_stats: Any
+        opt_state: Any
+
+    tx = step.make_optimizer(_config())
+    params = {"w": jnp.arange(3.0)}
+    old = OldState(step=jnp.asarray(5), params=params, batch_stats={"m": jnp.ones(2)}, opt_state=tx.init(params))
+    ckpts = checkpoint.RunCheckpoints(str(tmp_path))
+    ckpts.save(checkpoint.LATEST, 5, old, {"epochs_done": 1})
+    ckpts.wait()
+    abstract = jax.eval_shape(lambda: step.init_state({"params": params, "batch_stats": {"m": jnp.ones(2)}}, tx))
+    state, progress = ckpts.restore(checkpoint.LATEST, abstract)
+    ckpts.close()
+    assert isinstance(state, step.TrainState) and state.ema is None and state.log_prior is None
+    assert int(state.step) == 5 and progress["epochs_done"] == 1
+    np.testing.assert_array_equal(state.params["w"], np.arange(3.0))
