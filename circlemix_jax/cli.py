@@ -232,14 +232,13 @@ def parse_flags(argv: Sequence[str], config_flags: Sequence[str] = ()) -> list[s
     """
     from absl import app, flags  # noqa: PLC0415
 
-    if any(a in ("--help", "-h", "-?") for a in argv[1:]):
-        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own help exits 1
+    asked = [a for a in argv[1:] if a in ("--help", "-h", "-?", "--helpshort", "--helpfull")]
+    if asked:  # absl's own help exits 1, and must not need a --config
+        app.usage(shorthelp=asked[0] != "--helpfull", writeto_stdout=True, exitcode=0)
     try:
         for name in config_flags:
             spec = _flag_value(argv, name)
             if spec is None:
-                if "--helpfull" in argv:
-                    break
                 raise ValueError(f"missing --{name}=FILE, e.g. --{name}=configs/c5.py")
             check_config_overrides(argv, name, load_config_file(spec))
         return flags.FLAGS(argv)
