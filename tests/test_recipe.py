@@ -74,7 +74,7 @@ def test_best_epoch_is_chosen_from_select_from_on():
     with c.unlocked():
         c.select_from = 1.5
     with pytest.raises(InputError, match="select_from"):
-        defaults.check(c)
+        config_check.check_run_config(c)
 
 
 def test_switches_must_be_booleans():
