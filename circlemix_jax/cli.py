@@ -11,13 +11,14 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import os
 import signal
 import sys
 from collections.abc import Sequence
 
-from circlemix_jax.errors import EXIT_INTERRUPTED, EXIT_USAGE, InputError
+from circlemix_jax.errors import EXIT_INTERRUPTED, EXIT_USAGE, InputError, exits_cleanly
 
 # Exit codes after a stop signal: preemption is a normal end of a job on a TPU VM
 # or SLURM (the scheduler reruns the same command), Ctrl-C follows the shell's 128+SIGINT.
@@ -246,3 +247,20 @@ def parse_flags(argv: Sequence[str], config_flags: Sequence[str] = ()) -> list[s
         message = _one_line(e) or type(e).__name__
         print(f"error: {message.removeprefix('error: ')}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)
+
+
+def command(fn):
+    """Makes `fn()` an absl main: one-line errors (`exits_cleanly`), no stray positional
+    arguments, and Orbax's per-save INFO logs kept off the console."""
+
+    @exits_cleanly
+    @functools.wraps(fn)
+    def main(argv):
+        from absl import logging  # noqa: PLC0415 - keeps importing this module light
+
+        if len(argv) > 1:
+            raise InputError(f"unexpected arguments {argv[1:]}: every option is a flag, --name=value")
+        logging.set_verbosity(logging.WARNING)
+        return fn()
+
+    return main

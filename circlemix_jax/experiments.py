@@ -33,7 +33,7 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
 from circlemix_jax import bootstrap, cli, config_check, data, defaults, hierarchy, report, rundir
-from circlemix_jax.errors import InputError, exits_cleanly
+from circlemix_jax.errors import InputError
 from circlemix_jax.metrics import classification_metrics
 
 # Stage order: every child after its C5 parent.
@@ -401,7 +401,7 @@ def describe(paper, wall_s: float | None) -> list[str]:
 
 def run() -> None:
     """CLI entry: flags are defined here, not at import, so tests can import this module."""
-    from absl import app, flags, logging  # noqa: PLC0415
+    from absl import app, flags  # noqa: PLC0415
     from ml_collections import config_flags  # noqa: PLC0415
 
     config_flag = config_flags.DEFINE_config_file(
@@ -412,11 +412,8 @@ def run() -> None:
 
     stop = cli.install_stop_handlers()
 
-    @exits_cleanly
-    def main(argv) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    @cli.command
+    def main() -> None:
         from circlemix_jax import train  # noqa: PLC0415 - after flag parsing, which must stay fast
 
         paper, root = config_flag.value, os.path.abspath(workdir_flag.value)

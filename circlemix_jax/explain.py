@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from circlemix_jax import cli, inference, predict, provenance
-from circlemix_jax.errors import InputError, exits_cleanly
+from circlemix_jax.errors import InputError
 
 # The module whose output (after SiLU) is the last convolutional stage's feature map.
 FEATURE_MODULE = "head_bn"
@@ -266,7 +266,7 @@ def explain(workdir: str, manifest: str | None, images_dir: str | None, out: str
 
 def run() -> None:
     """CLI entry; flags are defined here so importing this module defines none."""
-    from absl import app, flags, logging  # noqa: PLC0415
+    from absl import app, flags  # noqa: PLC0415
 
     workdir = flags.DEFINE_string("workdir", None, "Finished run whose best checkpoint is explained.")
     manifest = flags.DEFINE_string("manifest", None, "CSV with a path column (label optional: shown as the truth).")
@@ -279,11 +279,8 @@ def run() -> None:
     workers = flags.DEFINE_integer("workers", 4, "Decoding threads.")
     flags.mark_flags_as_required(["workdir", "out"])
 
-    @exits_cleanly
-    def main(argv) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        logging.set_verbosity(logging.WARNING)
+    @cli.command
+    def main() -> None:
         cli.configure_compilation_cache()
         path, prov = explain(workdir.value, manifest.value, images.value, out.value, max_images.value,
                              target.value, workers.value)

@@ -184,10 +184,9 @@ def from_workdir(workdir: str) -> Predictor:
 
 def run() -> None:
     """CLI entry; flags are defined here so importing this module defines none."""
-    from absl import app, flags, logging  # noqa: PLC0415
+    from absl import app, flags  # noqa: PLC0415
 
     from circlemix_jax import cli, provenance  # noqa: PLC0415
-    from circlemix_jax.errors import exits_cleanly  # noqa: PLC0415
 
     workdir = flags.DEFINE_string("workdir", None, "Finished run whose best checkpoint is exported.")
     out = flags.DEFINE_string("out", None, "Folder to write model.mlirbc and model.json to.")
@@ -195,11 +194,8 @@ def run() -> None:
                                   "Platforms to lower for (jax.export names: cpu, cuda, rocm, tpu).")
     flags.mark_flags_as_required(["workdir", "out"])
 
-    @exits_cleanly
-    def main(argv) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        logging.set_verbosity(logging.WARNING)
+    @cli.command
+    def main() -> None:
         known = {"cpu", "cuda", "rocm", "tpu"}
         if not platforms.value or not set(platforms.value) <= known:
             raise InputError(f"--platforms must be a comma-separated subset of {sorted(known)}, "

@@ -39,11 +39,10 @@ STOP = install_stop_handlers() if __name__ == "__main__" else None
 
 import sys  # noqa: E402
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from circlemix_jax import cli, defaults  # noqa: E402
-from circlemix_jax.errors import exits_cleanly  # noqa: E402
 
 EXIT_NONFINITE = 3
 
@@ -60,12 +59,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1 (default $JAX_PROCESS_ID).")
 
 
-@exits_cleanly
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # Orbax logs every save at INFO; keep the console to our own progress lines.
-    logging.set_verbosity(logging.WARNING)
+@cli.command
+def main() -> None:
     cli.maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from circlemix_jax import train  # noqa: PLC0415 - after distributed init
 

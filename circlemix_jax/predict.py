@@ -30,7 +30,7 @@ import os
 import numpy as np
 
 from circlemix_jax import cli, decision, defaults, hierarchy, provenance
-from circlemix_jax.errors import InputError, exits_cleanly
+from circlemix_jax.errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -220,7 +220,7 @@ def print_provenance(workdirs) -> None:
 
 def run() -> None:
     """CLI entry; flags are defined here so importing this module defines none."""
-    from absl import app, flags, logging  # noqa: PLC0415
+    from absl import app, flags  # noqa: PLC0415
 
     workdir = flags.DEFINE_string("workdir", None, "Finished run whose best checkpoint predicts (e.g. a C5 run).")
     children = flags.DEFINE_multi_string("child", [], "Finished child run(s) that re-decide their classes, in order.")
@@ -232,11 +232,8 @@ def run() -> None:
                                "predict the plain argmax.")
     flags.mark_flags_as_required(["workdir", "out"])
 
-    @exits_cleanly
-    def main(argv) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        logging.set_verbosity(logging.WARNING)
+    @cli.command
+    def main() -> None:
         paths, subjects, labels = read_inputs(manifest.value, images.value)
         cli.configure_compilation_cache()
         for d in [workdir.value, *children.value]:
