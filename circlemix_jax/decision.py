@@ -28,11 +28,10 @@ differ only in where the bias comes from:
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
-from etils import epath
 
+from circlemix_jax import rundir
 from circlemix_jax.errors import InputError
 
 MODES = ("argmax", "prior", "val")
@@ -187,9 +186,7 @@ def _line_search(logits, labels, bias, k: int, num_classes: int) -> tuple[float,
 
 def save(path: str, rule: Rule) -> None:
     """Writes the rule as JSON (atomically, also to gs://)."""
-    tmp = epath.Path(path + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(rule), indent=1))
-    tmp.replace(path)
+    rundir.write_json(path, dataclasses.asdict(rule))
 
 
 def load(path: str) -> Rule | None:
@@ -198,15 +195,14 @@ def load(path: str) -> Rule | None:
     Raises:
       InputError: the file exists but is not a rule.
     """
-    p = epath.Path(path)
-    if not p.exists():
+    d = rundir.read_json(path, "the run's decision rule")
+    if d is None:
         return None
     try:
-        d = json.loads(p.read_text())
         rule = Rule(mode=d["mode"], bias=tuple(float(b) for b in d["bias"]),
                     val_balanced_accuracy=float(d.get("val_balanced_accuracy", "nan")),
                     val_balanced_accuracy_adjusted=float(d.get("val_balanced_accuracy_adjusted", "nan")))
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{path}: not a decision rule ({e}); delete it to predict with the plain argmax") from None
     if rule.mode not in MODES:
         raise InputError(f"{path}: unknown decision mode {rule.mode!r}; expected one of {MODES}")
