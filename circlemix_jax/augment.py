@@ -7,7 +7,7 @@ grids for boxes) against sampled scalars, so there is no scatter and no dynamic
 slicing: vmapped ``dynamic_update_slice`` becomes a while-loop on TPU
 (jax#21367), while elementwise compares and selects vectorise cleanly.
 
-Geometry (see DESIGN.md): a border position ``t`` is in degrees, each image side
+Geometry (from the paper and the authors' code): a border position ``t`` is in degrees, each image side
 spans 90 degrees; ``t=0`` is the top-left corner, 0->90 runs down the left edge,
 90->180 along the bottom, 180->270 up the right edge, 270->360 back along the
 top. The CircleMix polygon for ``[start, end)`` (centre, border point at start,

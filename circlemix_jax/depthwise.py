@@ -1,8 +1,8 @@
 """Depthwise 2-D convolution with a fast shift-and-add path for XLA:CPU.
 
 On CPU, XLA's grouped convolution (``feature_group_count=C``) is 6-10x slower
-forward+backward than adding up the k×k shifted taps (DESIGN.md, measured
-facts). `depthwise_conv` therefore picks a formulation per backend:
+forward+backward than adding up the k×k shifted taps (both give identical
+results; BENCHMARKS.md has the timings). `depthwise_conv` therefore picks a formulation per backend:
 
 - ``'shift'``: shift-and-add with a hand-written backward pass (`jax.custom_vjp`,
   so reverse mode only: `jax.jvp` through it raises). Plain autodiff of

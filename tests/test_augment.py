@@ -18,7 +18,7 @@ MASK_SIZES = [(256, 256), (224, 224), (33, 33), (101, 101), (48, 80)]
 
 
 # --- An independent rasterisation of the paper's polygon --------------------
-# Written from the geometry in DESIGN.md, not from border_position_map: build
+# Written from the geometry in augment's module docstring, not from border_position_map: build
 # the polygon's vertices and test pixel centres with the even-odd rule.
 
 def _border_point(t, h, w):
