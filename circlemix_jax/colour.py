@@ -160,6 +160,48 @@ def augment(rng, images, options):
     return grayscale(k_gray, x, prob=options.get("grayscale", 0.0))
 
 
+# How `model_input` turns [0, 1] RGB into the network's input (`config.data.input_norm`).
+INPUT_NORMS = ("dataset", "od_per_image", "gray_per_image")
+# A flat image has no spread to divide by; below this std (in input units) it is not amplified.
+_MIN_STD = 1e-2
+
+
+def _standardise(x):
+    mean = jnp.mean(x, axis=(-3, -2), keepdims=True)
+    std = jnp.std(x, axis=(-3, -2), keepdims=True)
+    return (x - mean) / jnp.maximum(std, _MIN_STD)
+
+
+def model_input(data_config, x):
+    """RGB images in [0, 1] (..., H, W, 3) -> the network's float input.
+
+    - 'dataset' (the paper's): (x - mean) / std per channel, one mean and std for all images.
+    - 'od_per_image': each image's optical density, -log(x), standardised per channel over
+      its own pixels. The scale and offset of every stain's density (how much stain a lab
+      applied, how bright its scanner is) cancel, so the network sees where the stains
+      sit, not how strong they are.
+    - 'gray_per_image': the grey image standardised over its own pixels, in all 3
+      channels: no colour at all, only morphology and relative intensity.
+
+    The per-image forms are the same function at train and test time, so a model
+    trained with one never sees another centre's absolute stain strength.
+
+    Args:
+        data_config: `config.data` (its `input_norm`, `mean` and `std`).
+        x: Float images in [0, 1].
+
+    Returns:
+        float32 images of the same shape.
+    """
+    x = x.astype(jnp.float32)
+    kind = data_config.get("input_norm", "dataset")
+    if kind == "od_per_image":
+        return _standardise(-jnp.log(jnp.maximum(x, _MIN_LIGHT)))
+    if kind == "gray_per_image":
+        return jnp.broadcast_to(_standardise(_gray(x)), x.shape)
+    return (x - jnp.asarray(data_config.mean, jnp.float32)) / jnp.asarray(data_config.std, jnp.float32)
+
+
 def is_off(options) -> bool:
     """Whether `options` asks for no colour change at all."""
     return not any(options.get(k, 0.0) for k in RANGES)

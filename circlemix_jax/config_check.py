@@ -123,6 +123,7 @@ def check_run_config(config, num_devices: int = 1) -> None:
     _int(config, "data.workers", 1, 256)
     _triple(config, "data.mean", -math.inf)
     _triple(config, "data.std", 0.0)
+    _choice(config, "data.input_norm", colour.INPUT_NORMS)
     label_map = config.data.label_map.to_dict() if hasattr(config.data.label_map, "to_dict") else {}
     bad = [v for v in label_map.values() if v not in names]
     if bad:

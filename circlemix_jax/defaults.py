@@ -78,6 +78,9 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     c.data.synthetic_count = 360  # images in the built-in set (paper's class proportions).
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
+    # 'dataset' (the paper's mean/std), or a per-image standardisation that removes the
+    # stain's strength: 'od_per_image' or 'gray_per_image' (colour.model_input).
+    c.data.input_norm = "dataset"
     c.data.workers = 4
 
     c.augment = ml_collections.ConfigDict()

@@ -106,7 +106,9 @@ def exported(workdir: str, platforms=DEFAULT_PLATFORMS):
         "preprocessing": {
             "caller": "decode to RGB (alpha composited on white) and resize to image_size x image_size with "
                       "PIL bilinear, as circlemix_jax.pipeline.load_image",
-            "inside": "x / 255, then (x - mean) / std per channel",
+            "inside": "x / 255, then circlemix_jax.colour.model_input: (x - mean) / std per channel when "
+                      "input_norm is 'dataset', else a per-image standardisation",
+            "input_norm": config.data.get("input_norm", "dataset"),
             "mean": list(config.data.mean), "std": list(config.data.std),
         },
         "provenance": {**provenance.describe(run.workdir, config), "checkpoint_step": run.step},

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from circlemix_jax import hierarchy
+from circlemix_jax import colour, hierarchy
 from circlemix_jax.errors import InputError
 
 
@@ -71,8 +71,7 @@ def load(workdir: str) -> RunModel:
 
 def normalise(config, images: jax.Array) -> jax.Array:
     """uint8 images -> float32 in the model's input scale (as `step.eval_step`)."""
-    x = images.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(config.data.mean, jnp.float32)) / jnp.asarray(config.data.std, jnp.float32)
+    return colour.model_input(config.data, images.astype(jnp.float32) / 255.0)
 
 
 def logits(run: RunModel, images: jax.Array) -> jax.Array:

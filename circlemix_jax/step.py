@@ -244,11 +244,14 @@ def augment_images(config, rng: jax.Array, x: jax.Array) -> jax.Array:
     return augment_colour(config, rng, augment_geometry(config, rng, x))
 
 
-def prepare_images(config, rng: jax.Array, images: jax.Array, labels: jax.Array):
+def prepare_images(config, rng: jax.Array, images: jax.Array, labels: jax.Array, normalise: bool = True):
     """Augmentation (`augment_images`), normalisation and mixing of one device's uint8 batch.
 
+    Each image is normalised before mixing, so a per-image normalisation
+    (`colour.model_input`) sees one glomerulus, not a patchwork of two.
+
     Returns:
-      (normalised float images, soft labels (B, K), lambda (B,)).
+      (float images, normalised unless `normalise` is False, soft labels (B, K), lambda (B,)).
     """
     aug_rng, mix_rng = jax.random.split(rng)
     x = images.astype(jnp.float32) / 255.0
@@ -259,7 +262,8 @@ def prepare_images(config, rng: jax.Array, images: jax.Array, labels: jax.Array)
         x = augment_colour(config, aug_rng, x)
     else:
         x = augment_images(config, aug_rng, x)
-    x = (x - jnp.asarray(config.data.mean)) / jnp.asarray(config.data.std)
+    if normalise:
+        x = colour.model_input(config.data, x)
     return augment.mix(mix_rng, x, labels, num_classes=len(config.classes), masks=masks, **config.mix.to_dict())
 
 
@@ -362,8 +366,7 @@ def eval_step(state: TrainState, images: jax.Array, *, config, model: EfficientN
 
     With `config.eval.tta` they are the mean of the logits of the 8 `tta_views`.
     """
-    x = images.astype(jnp.float32) / 255.0
-    x = (x - jnp.asarray(config.data.mean)) / jnp.asarray(config.data.std)
+    x = colour.model_input(config.data, images.astype(jnp.float32) / 255.0)
     variables = eval_variables(state)
 
     def forward(x):
@@ -407,8 +410,7 @@ def parallel_prepare(config, mesh: Mesh) -> Callable:
 
     def fn(images, labels, rng):
         rng = jax.random.fold_in(jax.random.fold_in(rng, 0), lax.axis_index(AXIS))
-        x, soft, lam = prepare_images(config, jax.random.split(rng)[0], images, labels)
-        x = x * jnp.asarray(config.data.std) + jnp.asarray(config.data.mean)
+        x, soft, lam = prepare_images(config, jax.random.split(rng)[0], images, labels, normalise=False)
         return jnp.clip(x, 0, 1), soft, lam
 
     spec = P(AXIS)

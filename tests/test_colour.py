@@ -118,3 +118,50 @@ def test_check_options_names_the_field(field, value):
     with pytest.raises(InputError, match=f"augment.colour.{field}"):
         colour.check_options(options)
     colour.check_options(STRONG)
+
+
+def _data(norm):
+    import ml_collections  # noqa: PLC0415
+
+    return ml_collections.ConfigDict({"input_norm": norm, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)})
+
+
+def test_dataset_input_is_the_per_channel_mean_std_formula():
+    x = _images()
+    want = (np.asarray(x) - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(colour.model_input(_data("dataset"), x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_od_per_image_cancels_each_images_stain_strength_and_background():
+    # x -> exp(-b) * x**a per channel scales that channel's optical density by a and
+    # shifts it by b: more or less stain, a brighter or darker scanner.
+    x = jnp.clip(_images(), 0.05, 0.95)
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0.5, 2.0, (x.shape[0], 1, 1, 3)).astype(np.float32)
+    b = rng.uniform(0.0, 0.5, (x.shape[0], 1, 1, 3)).astype(np.float32)
+    y = np.exp(-b) * np.asarray(x) ** a
+    out = colour.model_input(_data("od_per_image"), x)
+    np.testing.assert_allclose(colour.model_input(_data("od_per_image"), jnp.asarray(y)), out, atol=2e-4)
+    # Each image, each channel: zero mean, unit std over its own pixels.
+    np.testing.assert_allclose(np.asarray(out).mean(axis=(1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out).std(axis=(1, 2)), 1.0, atol=1e-4)
+
+
+def test_gray_per_image_ignores_colour_brightness_and_contrast():
+    x = _images()
+    gray = np.asarray(x) @ np.array([0.299, 0.587, 0.114], np.float32)
+    out = np.asarray(colour.model_input(_data("gray_per_image"), x))
+    assert out.shape == x.shape
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+    want = (gray - gray.mean(axis=(1, 2), keepdims=True)) / gray.std(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(out[..., 1], want, atol=1e-4)
+    dimmer = 0.2 + 0.5 * np.repeat(gray[..., None], 3, -1)  # the same grey image, less contrast, brighter
+    np.testing.assert_allclose(colour.model_input(_data("gray_per_image"), jnp.asarray(dimmer))[..., 0], want,
+                               atol=1e-4)
+
+
+def test_a_flat_image_is_not_amplified():
+    x = jnp.full((1, 8, 8, 3), 0.7, jnp.float32)
+    for norm in ("od_per_image", "gray_per_image"):
+        assert np.all(np.isfinite(colour.model_input(_data(norm), x)))
+        np.testing.assert_allclose(colour.model_input(_data(norm), x), 0.0, atol=1e-5)
