@@ -12,8 +12,9 @@ import math
 import numbers
 
 from circlemix_jax import augment, colour, decision, step
+from circlemix_jax.rundir import get_field
 from circlemix_jax.errors import InputError
-from circlemix_jax.models import PADDINGS
+from circlemix_jax.models import PADDINGS, layers
 
 DTYPES = ("float32", "bfloat16")
 CHILD_HEADS = ("parent", "fresh")
@@ -21,19 +22,12 @@ CHILD_HEADS = ("parent", "fresh")
 MIN_IMAGE_SIZE = 32
 
 
-def _get(config, field: str):
-    value = config
-    for part in field.split("."):
-        value = value[part]
-    return value
-
-
 def _fail(field: str, value, allowed: str) -> InputError:
     return InputError(f"config field {field}={value!r} is invalid: {allowed}")
 
 
 def _int(config, field: str, lo: int | None = None, hi: int | None = None) -> int:
-    value = _get(config, field)
+    value = get_field(config, field)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise _fail(field, value, "must be an integer")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -44,7 +38,7 @@ def _int(config, field: str, lo: int | None = None, hi: int | None = None) -> in
 
 def _real(config, field: str, lo: float, hi: float = math.inf, lo_open: bool = False,
           hi_open: bool = False) -> float:
-    value = _get(config, field)
+    value = get_field(config, field)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise _fail(field, value, "must be a finite number")
     below = value <= lo if lo_open else value < lo
@@ -56,21 +50,21 @@ def _real(config, field: str, lo: float, hi: float = math.inf, lo_open: bool = F
 
 
 def _choice(config, field: str, allowed) -> str:
-    value = _get(config, field)
+    value = get_field(config, field)
     if value not in allowed:
         raise _fail(field, value, f"must be one of {tuple(allowed)}")
     return value
 
 
 def _bool(config, field: str) -> bool:
-    value = _get(config, field)
+    value = get_field(config, field)
     if not isinstance(value, bool):
         raise _fail(field, value, "must be True or False")
     return value
 
 
 def _triple(config, field: str, lo_open: float) -> None:
-    value = _get(config, field)
+    value = get_field(config, field)
     try:
         ok = len(value) == 3 and all(isinstance(v, numbers.Real) and math.isfinite(v) and v > lo_open
                                      for v in value)
@@ -141,6 +135,7 @@ def check_run_config(config, num_devices: int = 1) -> None:
 
     _choice(config, "model.padding", PADDINGS)
     _choice(config, "model.dtype", DTYPES)
+    _choice(config, "model.layers", layers.CHOICES)
     _real(config, "model.bn_eps", 0.0, 1.0, lo_open=True)
     _real(config, "model.bn_momentum", 0.0, 1.0, hi_open=True)
     _real(config, "model.dropout_rate", 0.0, 1.0, hi_open=True)

@@ -111,6 +111,9 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     c.model.dropout_rate = 0.2
     c.model.drop_path_rate = 0.2
     c.model.dtype = "float32"
+    # The implementation of the 1x1, depthwise and BatchNorm layers (models.layers): 'auto'
+    # (the CPU-fast set on a CPU, flax's and XLA's elsewhere), 'cpu' or 'xla'. The same function.
+    c.model.layers = "auto"
     c.model.init_from = ""  # a directory written by `python -m circlemix_jax.convert`.
 
     c.optim = ml_collections.ConfigDict()

@@ -116,7 +116,7 @@ def _check_compatible(config, parent_config, where: str) -> None:
     if missing:
         raise InputError(f"parent {where} has no output for class id(s) {missing} of stage {config.stage}")
     for field in SPLIT_FIELDS:
-        ours, theirs = _get(config, field), _get(parent_config, field)
+        ours, theirs = rundir.get_field(config, field), rundir.get_field(parent_config, field)
         if field == "data.manifest" and ours and theirs:  # the same file may be spelled two ways
             ours, theirs = os.path.realpath(ours), os.path.realpath(theirs)
         if ours != theirs:
@@ -155,12 +155,6 @@ def check_parent(config, split_record: dict) -> None:
     if change:
         raise InputError(f"the data changed since parent {where} was trained ({change}), so this stage's test "
                          "fold would hold the parent's training images; retrain the parent on the current data")
-
-
-def _get(config, dotted: str):
-    for part in dotted.split("."):
-        config = config[part]
-    return config
 
 
 def child_classifier(parent_head: dict, parent_classes, child_classes, fresh_head: dict,

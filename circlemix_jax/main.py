@@ -39,51 +39,54 @@ STOP = install_stop_handlers() if __name__ == "__main__" else None
 
 import sys  # noqa: E402
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
 from circlemix_jax import cli, defaults  # noqa: E402
 
 EXIT_NONFINITE = 3
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c5.py or configs/c5.py:smoke.",
-                                          lock_config=True)
-_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config (every field, after the "
-                                   "overrides) and exit without touching the workdir.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default runs/<stage>/<method>/fold<k>.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-process job, detecting the cluster "
-                                 "(Cloud TPU VM, SLURM, Open MPI); implied by the three flags below.")
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 of a multi-process job "
-                                   "(default $JAX_COORDINATOR_ADDRESS).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (default $JAX_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1 (default $JAX_PROCESS_ID).")
-
-
-@cli.command
-def main() -> None:
-    cli.maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from circlemix_jax import train  # noqa: PLC0415 - after distributed init
-
-    config = _CONFIG.value
-    if _PRINT_CONFIG.value:
-        print(config.to_json_best_effort(indent=1, sort_keys=True))
-        print(f"# workdir: {_WORKDIR.value or defaults.default_workdir(config)}")
-        return
-    stop = STOP or install_stop_handlers()  # an entry-point script imports this module, then calls run()
-    try:
-        train.train_and_evaluate(config, _WORKDIR.value or defaults.default_workdir(config), stop=stop)
-    except train.Stopped as e:
-        saved = (f"saved a checkpoint at step {e.step} in {e.workdir}" if e.step is not None
-                 else f"stopped before training began, nothing to save in {e.workdir}")
-        print(f"{stop.name}: {saved}; rerun the same command to resume", file=sys.stderr, flush=True)
-        sys.exit(EXIT_CODES[e.signum])
-    except FloatingPointError as e:
-        # Not a bug to debug from a traceback: the message names the step and the way out.
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_NONFINITE)
-
 
 def run() -> None:
+    """CLI entry (`python -m circlemix_jax.main`, `circlemix-train`); flags are defined
+    here so importing this module defines none."""
+    from absl import app, flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "Config file, e.g. configs/c5.py or configs/c5.py:smoke.", lock_config=True)
+    print_config = flags.DEFINE_bool("print_config", False, "Print the resolved config (every field, after the "
+                                     "overrides) and exit without touching the workdir.")
+    workdir_flag = flags.DEFINE_string("workdir", None, "Run folder; default runs/<stage>/<method>/fold<k>.")
+    distributed = flags.DEFINE_bool("distributed", False, "Join a multi-process job, detecting the cluster "
+                                    "(Cloud TPU VM, SLURM, Open MPI); implied by the three flags below.")
+    coordinator = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 of a multi-process job "
+                                      "(default $JAX_COORDINATOR_ADDRESS).")
+    num_processes = flags.DEFINE_integer("num_processes", None, "Processes in the job (default $JAX_NUM_PROCESSES).")
+    process_id = flags.DEFINE_integer("process_id", None,
+                                      "This process, 0..num_processes-1 (default $JAX_PROCESS_ID).")
+
+    @cli.command
+    def main() -> None:
+        cli.maybe_initialize_distributed(distributed.value, coordinator.value, num_processes.value, process_id.value)
+        from circlemix_jax import train  # noqa: PLC0415 - after distributed init
+
+        config = config_flag.value
+        workdir = workdir_flag.value or defaults.default_workdir(config)
+        if print_config.value:
+            print(config.to_json_best_effort(indent=1, sort_keys=True))
+            print(f"# workdir: {workdir}")
+            return
+        stop = STOP or install_stop_handlers()  # an entry-point script imports this module, then calls run()
+        try:
+            train.train_and_evaluate(config, workdir, stop=stop)
+        except train.Stopped as e:
+            saved = (f"saved a checkpoint at step {e.step} in {e.workdir}" if e.step is not None
+                     else f"stopped before training began, nothing to save in {e.workdir}")
+            print(f"{stop.name}: {saved}; rerun the same command to resume", file=sys.stderr, flush=True)
+            sys.exit(EXIT_CODES[e.signum])
+        except FloatingPointError as e:
+            # Not a bug to debug from a traceback: the message names the step and the way out.
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_NONFINITE)
+
     app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, config_flags=("config",)))
 
 

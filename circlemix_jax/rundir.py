@@ -30,7 +30,9 @@ SPLIT = "split.json"
 METRICS = "metrics.json"
 SPLITS = ("train", "val", "test")
 # Fields that change how a run is executed, not what it computes: a rerun may differ in these.
-EXECUTION_FIELDS = ("data.workers", "log_every_steps", "checkpoint_every_steps", "eval_batch_size")
+# How a run executes, not what it computes: a resume may change them (model.layers
+# picks between implementations of the same function, e.g. resuming a CPU run on a GPU).
+EXECUTION_FIELDS = ("data.workers", "log_every_steps", "checkpoint_every_steps", "eval_batch_size", "model.layers")
 
 
 def absolute(workdir: str) -> str:
@@ -71,6 +73,13 @@ def flatten_dict(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def get_field(config, dotted: str):
+    """config['a']['b'] for 'a.b': a config field by its dotted name."""
+    for part in dotted.split("."):
+        config = config[part]
+    return config
 
 
 def check_config(workdir: str, config_json: str, ignore: tuple[str, ...], added: dict | None = None) -> None:

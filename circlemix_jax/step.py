@@ -21,7 +21,7 @@ from flax import struct
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from circlemix_jax import augment, colour
+from circlemix_jax import augment, colour, models
 from circlemix_jax.errors import InputError
 from circlemix_jax.models import EfficientNetB0
 
@@ -50,12 +50,8 @@ class TrainState:
 
 
 def make_model(config, axis_name: str | None = AXIS) -> EfficientNetB0:
-    """The configured EfficientNet-B0 for this stage's classes."""
-    return EfficientNetB0(
-        num_classes=len(config.classes), padding=config.model.padding, bn_eps=config.model.bn_eps,
-        bn_momentum=config.model.bn_momentum, dropout_rate=config.model.dropout_rate,
-        drop_path_rate=config.model.drop_path_rate, dtype=jnp.dtype(config.model.dtype),
-        axis_name=axis_name)
+    """`models.make_model` for the data-parallel step: BatchNorm averages over the mesh's axis."""
+    return models.make_model(config, axis_name=axis_name)
 
 
 SCHEDULES = ("step", "cosine")
@@ -271,6 +267,15 @@ def _l2(tree) -> jax.Array:
     return optax.tree.norm(tree)
 
 
+def step_keys(rng: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(augmentation and mixing key, dropout key) of one device at one step, inside shard_map.
+
+    Derived from the run's root key and the step counter, so a resumed run draws
+    exactly what an uninterrupted one would.
+    """
+    return tuple(jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(AXIS))))
+
+
 def train_step(state: TrainState, batch: dict, rng: jax.Array, lr: jax.Array, *, config, model: EfficientNetB0,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
     """One SGD step at learning rate `lr` on one device's shard; call through `parallel_train_step`.
@@ -278,8 +283,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, lr: jax.Array, *,
     A non-finite loss or gradient leaves the state unchanged and raises the
     `nonfinite` metric, so the last good state is what gets checkpointed.
     """
-    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
-    data_rng, dropout_rng = jax.random.split(rng)
+    data_rng, dropout_rng = step_keys(rng, state.step)
     images, soft_labels, lam = prepare_images(config, data_rng, batch["image"], batch["label"])
 
     def loss_fn(params):
@@ -409,8 +413,7 @@ def parallel_prepare(config, mesh: Mesh) -> Callable:
     """The train step's augmentation alone, for logging a mixed batch as an image."""
 
     def fn(images, labels, rng):
-        rng = jax.random.fold_in(jax.random.fold_in(rng, 0), lax.axis_index(AXIS))
-        x, soft, lam = prepare_images(config, jax.random.split(rng)[0], images, labels, normalise=False)
+        x, soft, lam = prepare_images(config, step_keys(rng, 0)[0], images, labels, normalise=False)
         return jnp.clip(x, 0, 1), soft, lam
 
     spec = P(AXIS)

@@ -18,18 +18,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from circlemix_jax import augment, colour, data, pipeline, step
-from circlemix_jax.errors import exits_cleanly
+from circlemix_jax import augment, cli, colour, data, pipeline, step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c5.py.", lock_config=True)
-_OUT = flags.DEFINE_string("out", "mixed.png", "Where to write the PNG grid.")
-_PAIRS = flags.DEFINE_integer("pairs", 4, "Number of image pairs (rows).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the pair choice and the masks.")
-_MODE = flags.DEFINE_enum("mode", "mix", ["mix", "augment"], "mix: CutMix/CircleMix pairs; "
-                          "augment: stain, colour and full train augmentation of single images.")
 _DRAWS = 3  # draws of each augmentation per image in --mode=augment
 
 
@@ -152,27 +143,41 @@ def augment_figure(config, records, centers, seed: int, num: int = 6):
     return fig
 
 
-@exits_cleanly
-def main(argv) -> None:
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    config = _CONFIG.value
+def write_figure(config, out: str, mode: str, pairs: int, seed: int) -> None:
+    """Writes the `mode` figure ('mix' or 'augment') of `config`'s data to `out`."""
     records = data.read_manifest(data.manifest_path(config), config.class_names, config.data.label_map.to_dict())
-    if _MODE.value == "augment":
+    if mode == "augment":
         centers = read_centers(data.manifest_path(config), records.paths) if config.data.manifest else None
-        fig = augment_figure(config, records, centers, _SEED.value)
-        fig.savefig(_OUT.value, dpi=110)
-        print(f"wrote {_OUT.value}")
-        return
-    rng = np.random.default_rng(_SEED.value)
-    take = rng.choice(len(records), size=min(len(records), 64), replace=False)
-    subset = records.take(np.sort(take))
-    images = pipeline.decode_all(subset.paths, config.data.image_size, config.data.workers, "decoding")
-    fig = make_figure(images, subset.labels, records.class_names, _PAIRS.value, _SEED.value)
-    fig.savefig(_OUT.value, dpi=110)
-    print(f"wrote {_OUT.value}")
+        fig = augment_figure(config, records, centers, seed)
+    else:
+        rng = np.random.default_rng(seed)
+        take = rng.choice(len(records), size=min(len(records), 64), replace=False)
+        subset = records.take(np.sort(take))
+        images = pipeline.decode_all(subset.paths, config.data.image_size, config.data.workers, "decoding")
+        fig = make_figure(images, subset.labels, records.class_names, pairs, seed)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+def run() -> None:
+    """CLI entry (`python -m circlemix_jax.visualize`, `circlemix-visualize`); flags are
+    defined here so importing this module defines none."""
+    from absl import app, flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    config = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c5.py.", lock_config=True)
+    out = flags.DEFINE_string("out", "mixed.png", "Where to write the PNG grid.")
+    pairs = flags.DEFINE_integer("pairs", 4, "Number of image pairs (rows).")
+    seed = flags.DEFINE_integer("seed", 0, "Seed of the pair choice and the masks.")
+    mode = flags.DEFINE_enum("mode", "mix", ["mix", "augment"], "mix: CutMix/CircleMix pairs; "
+                             "augment: stain, colour and full train augmentation of single images.")
+
+    @cli.command
+    def main() -> None:
+        write_figure(config.value, out.value, mode.value, pairs.value, seed.value)
+
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, config_flags=("config",)))
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    run()

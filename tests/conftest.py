@@ -26,7 +26,7 @@ SHARED_DATA = os.environ.get(
 @pytest.fixture(scope="session")
 def synthetic_manifest(tmp_path_factory) -> str:
     """A small built-in-style set (150 images, 23 subjects), generated once per session."""
-    from circlemix_jax import synthetic
+    from circlemix_jax.data import synthetic
 
     return synthetic.generate(str(tmp_path_factory.mktemp("synth") / "set"), 150, seed=0)
 

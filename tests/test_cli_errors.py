@@ -109,3 +109,23 @@ def test_workdir_with_different_config(synthetic_manifest, workdir):
         f.write(stored)
     _check(_train(synthetic_manifest, workdir), "different config", "seed: 123 -> 0", "delete")
     assert open(os.path.join(workdir, "config.json")).read() == stored
+
+
+def test_every_script_entry_point_exists_and_importing_clis_defines_no_flags():
+    import importlib  # noqa: PLC0415
+    import tomllib  # noqa: PLC0415
+
+    from absl import flags  # noqa: PLC0415
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
+        assert module.removeprefix("circlemix_jax.") in {"main", "experiments", "predict", "explain", "export",
+                                                         "visualize", "convert", "bench"}, name
+    # Each CLI defines its flags when run, so several can be imported (tests, notebooks) at once.
+    # (Libraries such as Grain define their own flags on import; ours are defined by run().)
+    ours = {"config", "workdir", "out", "mode", "pairs", "manifest", "child", "print_config", "distributed"}
+    assert not ours & set(flags.FLAGS)

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from circlemix_jax import convert, defaults
-from circlemix_jax import weight_sources as ws
+from circlemix_jax.weights import sources as ws
 from circlemix_jax.models import EfficientNetB0
 
 # Keras-on-JAX converts its variables with np.array(x), which numpy 2 flags, once per weight.

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from circlemix_jax import depthwise
-from circlemix_jax.depthwise import depthwise_conv, resolve_impl
+from circlemix_jax.models import layers
+from circlemix_jax.models.depthwise import depthwise_conv
 
 
 def _same(n, k, s):
@@ -117,20 +117,16 @@ def test_xla_impl_matches_reference():
     _assert_close(depthwise_conv(x, kernel, 2, pads, impl="xla"), _reference(x, kernel, 2, pads), 1e-6)
 
 
-def test_auto_resolves_per_backend(monkeypatch):
-    monkeypatch.delenv(depthwise.ENV_VAR, raising=False)
+def test_auto_layers_resolve_per_backend():
     assert jax.default_backend() == "cpu"
-    assert resolve_impl("auto") == "shift"
-    assert resolve_impl("auto", backend="gpu") == "xla"
-    assert resolve_impl("auto", backend="tpu") == "xla"
-    assert resolve_impl("xla") == "xla"
-    monkeypatch.setenv(depthwise.ENV_VAR, "xla")
-    assert resolve_impl("auto") == "xla"
-    monkeypatch.setenv(depthwise.ENV_VAR, "shift")
-    assert resolve_impl("auto", backend="tpu") == "shift"
-    monkeypatch.setenv(depthwise.ENV_VAR, "fast")
-    with pytest.raises(ValueError, match=depthwise.ENV_VAR):
-        resolve_impl("auto")
+    assert layers.resolve("auto") == "cpu"
+    assert layers.resolve("auto", backend="gpu") == "xla"
+    assert layers.resolve("auto", backend="tpu") == "xla"
+    assert layers.resolve("cpu", backend="tpu") == "cpu"
+    assert layers.layers("auto", backend="gpu") is layers.XLA
+    assert layers.layers("cpu") is layers.CPU
+    with pytest.raises(ValueError, match="model.layers"):
+        layers.resolve("fast")
 
 
 def test_rejects_bad_arguments():

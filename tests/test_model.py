@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from circlemix_jax.models import EfficientNetB0, channel_matmul, conv_padding, count_params
+from circlemix_jax.models import EfficientNetB0, count_params, layers
+from circlemix_jax.models.layers import channel_matmul, conv_padding
 
 
 @pytest.mark.parametrize("padding", ["symmetric", "same"])
@@ -57,3 +58,41 @@ def test_channel_matmul_gradients_match_autodiff_of_dot(shape):
     for a, b in zip(our_vjp(g), ref_vjp(g)):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+_LAYER_CASES = {
+    "pointwise": lambda ls: ls.pointwise(7, True, jnp.float32),
+    "depthwise": lambda ls: ls.depthwise(5, 2, "same", jnp.float32),
+    "norm_train": lambda ls: ls.norm(False, 0.9, 1e-3, jnp.float32, None),
+    "norm_eval": lambda ls: ls.norm(True, 0.9, 1e-3, jnp.float32, None),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_LAYER_CASES))
+def test_cpu_and_xla_layers_compute_the_same_function(kind):
+    """Each CPU-fast layer against flax's: the same variables, outputs, statistics and gradients."""
+    x = jnp.asarray(np.random.default_rng(0).normal(1.0, 2.0, size=(3, 9, 9, 6)), jnp.float32)
+    fast, plain = _LAYER_CASES[kind](layers.CPU), _LAYER_CASES[kind](layers.XLA)
+    variables = fast.init(jax.random.key(0), x)
+    if "batch_stats" in variables:  # running statistics that differ from the init values
+        variables = {**variables, "batch_stats": {"mean": jnp.arange(6.0) / 6, "var": jnp.arange(1.0, 7.0)}}
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(plain.init(jax.random.key(0), x))
+    g = jnp.asarray(np.random.default_rng(1).normal(size=fast.apply(variables, x, mutable=True)[0].shape))
+
+    def outputs_and_grads(layer):
+        def loss(params, x):
+            out, updated = layer.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+            return jnp.sum(out * g), (out, updated)
+        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(variables["params"], x)
+
+    ours, theirs = outputs_and_grads(fast), outputs_and_grads(plain)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_both_layer_sets_build_one_parameter_tree():
+    x = jnp.zeros((1, 64, 64, 3))
+    trees = [jax.eval_shape(lambda ls=ls: EfficientNetB0(num_classes=3, layers=ls).init(jax.random.key(0), x))
+             for ls in (layers.CPU, layers.XLA)]
+    assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), trees[0]) == \
+        jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), trees[1])

@@ -1,6 +1,6 @@
 """Readers and key maps that turn EfficientNet-B0 checkpoints of four frameworks into our Flax tree.
 
-Every source is mapped tensor by tensor onto the tree documented in `models.py`.
+Every source is mapped tensor by tensor onto the tree documented in `models/efficientnet.py`.
 The map is checked strictly: a file converts only when its keys are exactly the
 expected ones with exactly the expected shapes, so a B1, a truncated file or a
 renamed layer is refused with the full list of differences, never loaded in part.
@@ -311,7 +311,8 @@ def timm_config(path: str) -> dict:
 
 # ---------------------------------------------------------------- Keras preprocessing
 
-def _fmt(values: np.ndarray) -> str:
+def format_values(values) -> str:
+    """A short '[0.485, 0.456, 0.406]' of a few numbers, for log lines."""
     return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
@@ -369,7 +370,7 @@ def keras_input_normalisation(kf: KerasFile, log: Callable[[str], None]) -> tupl
     if after:
         origin = ("model_config" if kf.layer_configs else
                   "not stored, so keras.applications' 1/sqrt(IMAGENET_STDDEV_RGB)")
-        log(f"keras: Rescaling layer {after[0]} follows Normalization, scale {_fmt(s2)} ({origin})")
+        log(f"keras: Rescaling layer {after[0]} follows Normalization, scale {format_values(s2)} ({origin})")
     elif imagenet_file:
         log("keras: the stored variance is the ImageNet std, as in the keras.applications file, which Keras runs "
             "(weights='imagenet') with an extra Rescaling by 1/sqrt(IMAGENET_STDDEV_RGB) (tensorflow#49930); "

@@ -1,8 +1,9 @@
-"""Depthwise 2-D convolution with a fast shift-and-add path for XLA:CPU.
+"""Depthwise 2-D convolution: XLA's grouped convolution, or shift-and-add for XLA:CPU.
 
 On CPU, XLA's grouped convolution (``feature_group_count=C``) is 6-10x slower
 forward+backward than adding up the k×k shifted taps (both give identical
-results; BENCHMARKS.md has the timings). `depthwise_conv` therefore picks a formulation per backend:
+results; BENCHMARKS.md has the timings). `depthwise_conv` offers both; which
+one a model uses is chosen with its other layers (`models.layers`):
 
 - ``'shift'``: shift-and-add with a hand-written backward pass (`jax.custom_vjp`,
   so reverse mode only: `jax.jvp` through it raises). Plain autodiff of
@@ -11,7 +12,7 @@ results; BENCHMARKS.md has the timings). `depthwise_conv` therefore picks a form
   input to memory first (one full-size array per tap).
 - ``'xla'``: ``lax.conv_general_dilated(feature_group_count=C)``. Chosen on
   GPU/TPU, where cuDNN and the TPU compiler have dedicated depthwise kernels; we
-  could not time those here, so set ``CIRCLEMIX_DEPTHWISE=shift`` to compare.
+  could not time those here; ``model.layers='cpu'`` runs 'shift' anywhere, to compare.
 
 Implementation notes for 'shift' (all measured on XLA:CPU, jax 0.10):
 
@@ -42,15 +43,13 @@ Implementation notes for 'shift' (all measured on XLA:CPU, jax 0.10):
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IMPLS = ("auto", "shift", "xla")
-ENV_VAR = "CIRCLEMIX_DEPTHWISE"
+IMPLS = ("shift", "xla")
 # Above this many taps, padding the input once beats one fused pad per tap (see module docstring).
 _PER_TAP_PAD_MAX_TAPS = 9
 # The kernel gradient sums up to this many output rows inside the fused loop before reducing.
@@ -59,29 +58,8 @@ _DK_ROWS = 16
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
-    """Returns the formulation `depthwise_conv` uses: 'shift' or 'xla'.
-
-    Args:
-      impl: 'auto', 'shift' or 'xla'. With 'auto', the CIRCLEMIX_DEPTHWISE
-        environment variable wins if set; otherwise the choice is 'shift' on CPU
-        and 'xla' elsewhere.
-      backend: platform name; defaults to `jax.default_backend()`.
-    """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    env = os.environ.get(ENV_VAR, "").strip().lower()
-    if env:
-        if env not in ("shift", "xla"):
-            raise ValueError(f"{ENV_VAR} must be 'shift' or 'xla', got {env!r}")
-        return env
-    return "shift" if (backend or jax.default_backend()) == "cpu" else "xla"
-
-
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding,
-                   impl: str = "auto") -> jax.Array:
+                   impl: str = "xla") -> jax.Array:
     """Convolves each channel of `x` with its own kh×kw filter (no channel multiplier).
 
     Args:
@@ -91,7 +69,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Paddin
       stride: the same stride for H and W.
       padding: explicit ((top, bottom), (left, right)) zero padding, e.g.
         symmetric PyTorch style or asymmetric TF 'SAME' style.
-      impl: 'auto', 'shift' or 'xla'; see `resolve_impl`.
+      impl: 'xla' (grouped convolution) or 'shift' (shift-and-add, reverse-mode
+        differentiable only).
 
     Returns:
       (N, Ho, Wo, C) array in x's dtype, Ho = (H + top + bottom - kh) // stride + 1.
@@ -105,8 +84,10 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Paddin
     stride = int(stride)
     if stride < 1 or _out_size(x.shape[1], pads[0], kh, stride) < 1 or _out_size(x.shape[2], pads[1], kw, stride) < 1:
         raise ValueError(f"empty output for x {x.shape}, kernel {kernel.shape}, stride {stride}, padding {pads}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     kernel = kernel.astype(x.dtype)
-    if resolve_impl(impl) == "xla":
+    if impl == "xla":
         return lax.conv_general_dilated(x, kernel[:, :, None, :], (stride, stride), pads,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
     # Under shard_map the kernel (a replicated parameter) is device-invariant while x
