@@ -29,6 +29,6 @@ def load_run(workdir: str):
     Raises:
       circlemix_jax.errors.InputError: no run or no best checkpoint in `workdir`.
     """
-    from circlemix_jax import export  # noqa: PLC0415 - importing the package stays free of JAX
+    from circlemix_jax import export  # importing the package stays free of JAX
 
     return export.from_workdir(workdir)

@@ -250,7 +250,7 @@ def check_geometry(augment) -> None:
     Raises:
         InputError: naming the field and its allowed values.
     """
-    from circlemix_jax.errors import InputError  # noqa: PLC0415 - keeps this module free of CLI concerns
+    from circlemix_jax.errors import InputError  # keeps this module free of CLI concerns
 
     for name in ("basic", "transpose", "translate"):
         if not isinstance(augment.get(name, False), bool):

@@ -100,7 +100,7 @@ class RunCheckpoints:
                 fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
                 state, progress = read({k: v for k, v in fields.items() if v is not None})
                 return type(abstract_state)(**{**fields, **state}), progress
-        except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types for bad files
+        except Exception as e:  # Orbax and tensorstore raise many types for bad files
             raise DamagedCheckpoint(os.path.join(self._root, kind, str(step)), e) from None
 
     def restore_latest_good(self, abstract_state: Any, log) -> tuple[Any, dict] | None:
@@ -177,7 +177,7 @@ class RunCheckpoints:
         for m in self._managers.values():
             try:
                 m.close()
-            except Exception:  # noqa: BLE001 - the error being reported is the first one
+            except Exception:  # the error being reported is the first one
                 pass
 
     def close(self) -> None:

@@ -42,7 +42,7 @@ class StopRequest:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 
-    def handle(self, signum, frame) -> None:  # noqa: ARG002 - the signal module's handler signature
+    def handle(self, signum, frame) -> None:  # the signal module's handler signature
         if self.signum is not None:
             # A second signal means "now": Orbax writes each checkpoint to a temporary
             # folder and renames it, so stopping mid-save cannot leave half a checkpoint.
@@ -70,9 +70,9 @@ def configure_compilation_cache() -> None:
 
     Must run before the first JAX computation. `JAX_COMPILATION_CACHE_DIR` wins.
     """
-    import jax  # noqa: PLC0415 - keeps `--help` and flag errors fast
+    import jax  # keeps `--help` and flag errors fast
 
-    from circlemix_jax.data.synthetic import cache_root  # noqa: PLC0415
+    from circlemix_jax.data.synthetic import cache_root
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))
@@ -106,7 +106,7 @@ def maybe_initialize_distributed(force: bool = False, coordinator: str | None = 
     Raises:
       InputError: an incomplete or inconsistent multi-process launch.
     """
-    import jax  # noqa: PLC0415 - must run before any other JAX call
+    import jax  # must run before any other JAX call
 
     configure_compilation_cache()
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
@@ -160,13 +160,13 @@ def load_config_file(spec: str):
         module_spec.loader.exec_module(module)
     except SyntaxError as e:
         raise ValueError(f"{path}, line {e.lineno}: syntax error ({e.msg})") from None
-    except Exception as e:  # noqa: BLE001 - any failure of a user's config file is input, not our bug
+    except Exception as e:  # any failure of a user's config file is input, not our bug
         raise ValueError(f"{path} cannot be loaded: {type(e).__name__}: {_one_line(e)}") from None
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path} defines no get_config()")
     try:
         return module.get_config(arg) if arg else module.get_config()
-    except Exception as e:  # noqa: BLE001 - e.g. an unknown config argument
+    except Exception as e:  # e.g. an unknown config argument
         raise ValueError(f"{path}: get_config({arg!r}) failed: {_one_line(e)}") from None
 
 
@@ -231,7 +231,7 @@ def parse_flags(argv: Sequence[str], config_flags: Sequence[str] = ()) -> list[s
     Returns:
       The remaining positional arguments, as `flags.FLAGS(argv)` returns them.
     """
-    from absl import app, flags  # noqa: PLC0415
+    from absl import app, flags
 
     asked = [a for a in argv[1:] if a in ("--help", "-h", "-?", "--helpshort", "--helpfull")]
     if asked:  # absl's own help exits 1, and must not need a --config
@@ -256,7 +256,7 @@ def command(fn):
     @exits_cleanly
     @functools.wraps(fn)
     def main(argv):
-        from absl import logging  # noqa: PLC0415 - keeps importing this module light
+        from absl import logging  # keeps importing this module light
 
         if len(argv) > 1:
             raise InputError(f"unexpected arguments {argv[1:]}: every option is a flag, --name=value")

@@ -103,7 +103,7 @@ def jitter_colour(rng, images, *, brightness=0.0, contrast=0.0, saturation=0.0, 
     if not (brightness or contrast or saturation or hue):
         return images
     u = jax.random.uniform(rng, (images.shape[0], 4))
-    fn = lambda u, x: _colour_one(u, x, brightness, contrast, saturation, hue)  # noqa: E731
+    fn = lambda u, x: _colour_one(u, x, brightness, contrast, saturation, hue)
     return jax.vmap(fn)(u, images.astype(jnp.float32)).astype(images.dtype)
 
 
@@ -219,7 +219,7 @@ def check_options(options) -> None:
     Raises:
         InputError: naming the field `augment.colour.<name>` and its range.
     """
-    from circlemix_jax.errors import InputError  # noqa: PLC0415 - keeps this module free of CLI concerns
+    from circlemix_jax.errors import InputError  # keeps this module free of CLI concerns
 
     for name in options:
         if name not in RANGES:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 import numbers
 
-from circlemix_jax import augment, colour, decision, step
+from circlemix_jax import augment, colour, decision, hierarchy, step
 from circlemix_jax.rundir import get_field
 from circlemix_jax.errors import InputError
 from circlemix_jax.models import PADDINGS, layers
 
 DTYPES = ("float32", "bfloat16")
-CHILD_HEADS = ("parent", "fresh")
 # B0 halves the resolution five times; below 32 px the last stage sees less than one pixel.
 MIN_IMAGE_SIZE = 32
 
@@ -127,7 +126,7 @@ def check_run_config(config, num_devices: int = 1) -> None:
     _int(config, "augment.max_crop", 0, size // 2)
 
     try:
-        augment._check_options(**{k: v for k, v in config.mix.to_dict().items() if k != "alpha"},  # noqa: SLF001
+        augment._check_options(**{k: v for k, v in config.mix.to_dict().items() if k != "alpha"},
                                alpha=config.mix.alpha)
     except ValueError as e:
         raise InputError(f"config field {str(e).rstrip('.').replace('mix: ', 'mix.', 1)}") from None
@@ -140,8 +139,7 @@ def check_run_config(config, num_devices: int = 1) -> None:
     _real(config, "model.bn_momentum", 0.0, 1.0, hi_open=True)
     _real(config, "model.dropout_rate", 0.0, 1.0, hi_open=True)
     _real(config, "model.drop_path_rate", 0.0, 1.0, hi_open=True)
-    if "child_head" in config.model:
-        _choice(config, "model.child_head", CHILD_HEADS)
+    _choice(config, "model.child_head", hierarchy.HEAD_MODES)
 
     _real(config, "optim.lr", 0.0, lo_open=True)
     _real(config, "optim.momentum", 0.0, 1.0, hi_open=True)

@@ -67,7 +67,7 @@ def check_options(config) -> None:
     Raises:
       InputError: naming the field, its value and the allowed values.
     """
-    from circlemix_jax import data  # noqa: PLC0415 - data's manifest readers are not needed here otherwise
+    from circlemix_jax import data  # data's manifest readers are not needed here otherwise
 
     if not isinstance(config.eval.tta, bool):
         raise InputError(f"config field eval.tta={config.eval.tta!r} must be True or False")

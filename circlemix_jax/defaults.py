@@ -114,6 +114,9 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     # The implementation of the 1x1, depthwise and BatchNorm layers (models.layers): 'auto'
     # (the CPU-fast set on a CPU, flax's and XLA's elsewhere), 'cpu' or 'xla'. The same function.
     c.model.layers = "auto"
+    # A child stage's classifier: 'parent' (the parent's rows for the child's classes) or
+    # 'fresh' (random); see hierarchy.child_classifier. Unused by C5 and binary.
+    c.model.child_head = "parent"
     c.model.init_from = ""  # a directory written by `python -m circlemix_jax.convert`.
 
     c.optim = ml_collections.ConfigDict()
@@ -202,6 +205,6 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
 
 def field_defaults(stage: str) -> dict:
     """{dotted field: default} of a stage: what a field added later meant for runs made before it."""
-    from circlemix_jax.rundir import flatten_dict  # noqa: PLC0415 - keeps configs/ importing only this module
+    from circlemix_jax.rundir import flatten_dict  # keeps configs/ importing only this module
 
     return flatten_dict(get_config(stage).to_dict())

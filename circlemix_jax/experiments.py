@@ -154,7 +154,7 @@ def check_all(paper, root: str) -> None:
     Raises:
       InputError: naming the run and the field.
     """
-    import jax  # noqa: PLC0415 - after the compilation cache is configured
+    import jax  # after the compilation cache is configured
 
     for run in plan(paper, root):
         try:
@@ -166,7 +166,7 @@ def check_all(paper, root: str) -> None:
 
 def run_all(paper, root: str, stop: cli.StopRequest | None = None) -> None:
     """Trains every run of the protocol that is not finished yet, in this process."""
-    from circlemix_jax import train  # noqa: PLC0415 - after the compilation cache is configured
+    from circlemix_jax import train  # after the compilation cache is configured
 
     runs = plan(paper, root)
     start = time.time()
@@ -401,8 +401,8 @@ def describe(paper, wall_s: float | None) -> list[str]:
 
 def run() -> None:
     """CLI entry: flags are defined here, not at import, so tests can import this module."""
-    from absl import app, flags  # noqa: PLC0415
-    from ml_collections import config_flags  # noqa: PLC0415
+    from absl import app, flags
+    from ml_collections import config_flags
 
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "Protocol config, e.g. configs/paper.py or configs/paper.py:smoke.", lock_config=True)
@@ -414,7 +414,7 @@ def run() -> None:
 
     @cli.command
     def main() -> None:
-        from circlemix_jax import train  # noqa: PLC0415 - after flag parsing, which must stay fast
+        from circlemix_jax import train  # after flag parsing, which must stay fast
 
         paper, root = config_flag.value, os.path.abspath(workdir_flag.value)
         validate(paper)

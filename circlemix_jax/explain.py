@@ -179,10 +179,10 @@ def figure(images, result: dict, class_names, truths, header: list[str], path: s
     Returns:
       `path`.
     """
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     n = len(images)
     cols = min(n, per_row)
@@ -238,7 +238,7 @@ def explain(workdir: str, manifest: str | None, images_dir: str | None, out: str
     Raises:
       InputError: bad inputs (one line each).
     """
-    from circlemix_jax import pipeline  # noqa: PLC0415
+    from circlemix_jax import pipeline
 
     if max_images < 1:
         raise InputError(f"--max-images must be at least 1, got {max_images}")
@@ -266,7 +266,7 @@ def explain(workdir: str, manifest: str | None, images_dir: str | None, out: str
 
 def run() -> None:
     """CLI entry; flags are defined here so importing this module defines none."""
-    from absl import app, flags  # noqa: PLC0415
+    from absl import app, flags
 
     workdir = flags.DEFINE_string("workdir", None, "Finished run whose best checkpoint is explained.")
     manifest = flags.DEFINE_string("manifest", None, "CSV with a path column (label optional: shown as the truth).")

@@ -72,8 +72,8 @@ class Predictor:
 
 
 def _signature(size: int, platforms):
-    import jax  # noqa: PLC0415
-    from jax import export as jax_export  # noqa: PLC0415
+    import jax
+    from jax import export as jax_export
 
     return jax_export.symbolic_shape(f"batch, {size}, {size}, 3"), jax.numpy.uint8, tuple(platforms)
 
@@ -84,10 +84,10 @@ def exported(workdir: str, platforms=DEFAULT_PLATFORMS):
     Raises:
       InputError: no run or no best checkpoint.
     """
-    import jax  # noqa: PLC0415
-    from jax import export as jax_export  # noqa: PLC0415
+    import jax
+    from jax import export as jax_export
 
-    from circlemix_jax import inference, provenance  # noqa: PLC0415
+    from circlemix_jax import inference, provenance
 
     run = inference.load(workdir)
     shape, dtype, platforms = _signature(run.image_size, platforms)
@@ -152,8 +152,8 @@ def load(out_dir: str) -> Predictor:
       FileNotFoundError: `out_dir` lacks model.mlirbc or model.json.
       ValueError: a model.json of another format.
     """
-    import jax  # noqa: PLC0415
-    from jax import export as jax_export  # noqa: PLC0415
+    import jax
+    from jax import export as jax_export
 
     with open(os.path.join(out_dir, META_FILE)) as f:
         meta = json.load(f)
@@ -174,9 +174,9 @@ def load(out_dir: str) -> Predictor:
 
 def from_workdir(workdir: str) -> Predictor:
     """The same `Predictor` as `load`, straight from a run folder (no files written)."""
-    import jax  # noqa: PLC0415
+    import jax
 
-    from circlemix_jax import inference, provenance  # noqa: PLC0415
+    from circlemix_jax import inference, provenance
 
     run = inference.load(workdir)
     meta = {"class_names": run.class_names, "image_size": run.image_size,
@@ -186,9 +186,9 @@ def from_workdir(workdir: str) -> Predictor:
 
 def run() -> None:
     """CLI entry; flags are defined here so importing this module defines none."""
-    from absl import app, flags  # noqa: PLC0415
+    from absl import app, flags
 
-    from circlemix_jax import cli, provenance  # noqa: PLC0415
+    from circlemix_jax import cli, provenance
 
     workdir = flags.DEFINE_string("workdir", None, "Finished run whose best checkpoint is exported.")
     out = flags.DEFINE_string("out", None, "Folder to write model.mlirbc and model.json to.")

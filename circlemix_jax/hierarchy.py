@@ -75,7 +75,7 @@ def restore_best(workdir: str, config):
     is computed or compiled; without shardings Orbax returns numpy arrays, which
     callers then place wherever they need them.
     """
-    from circlemix_jax import step as steplib  # noqa: PLC0415 - keeps merge-only users free of the model
+    from circlemix_jax import step as steplib  # keeps merge-only users free of the model
 
     require_best_checkpoint(workdir, finished=False)
     model = steplib.make_model(config, axis_name=None)
@@ -203,7 +203,7 @@ def init_from_parent(config, variables: dict, log: Callable[[str], None] = print
     require_best_checkpoint(where)
     parent_config = load_run_config(where)
     _check_compatible(config, parent_config, where)
-    from circlemix_jax import step as steplib  # noqa: PLC0415 - keeps merge-only users free of the model
+    from circlemix_jax import step as steplib  # keeps merge-only users free of the model
 
     best = restore_best(where, parent_config)
     parent = steplib.eval_variables(best)  # the EMA weights when it kept them

@@ -59,7 +59,7 @@ def load(workdir: str) -> RunModel:
     Raises:
       InputError: no run, no best checkpoint, or one that does not match its config.
     """
-    from circlemix_jax import step as steplib  # noqa: PLC0415 - the model only when one is loaded
+    from circlemix_jax import step as steplib  # the model only when one is loaded
 
     workdir = os.path.abspath(workdir)
     hierarchy.require_best_checkpoint(workdir, finished=False)
@@ -81,11 +81,11 @@ def logits(run: RunModel, images: jax.Array) -> jax.Array:
     8 dihedral views, as in `step.eval_step`.
     """
     x = normalise(run.config, images)
-    forward = lambda v: run.model.apply(run.variables, v, train=False)  # noqa: E731
+    forward = lambda v: run.model.apply(run.variables, v, train=False)
     tta = run.config.get("eval") is not None and run.config.eval.get("tta", False)
     if not tta:
         return forward(x)
-    from circlemix_jax import step as steplib  # noqa: PLC0415
+    from circlemix_jax import step as steplib
 
     return jax.lax.map(forward, jnp.stack(steplib.tta_views(x))).mean(axis=0)
 

@@ -47,8 +47,8 @@ EXIT_NONFINITE = 3
 def run() -> None:
     """CLI entry (`python -m circlemix_jax.main`, `circlemix-train`); flags are defined
     here so importing this module defines none."""
-    from absl import app, flags  # noqa: PLC0415
-    from ml_collections import config_flags  # noqa: PLC0415
+    from absl import app, flags
+    from ml_collections import config_flags
 
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "Config file, e.g. configs/c5.py or configs/c5.py:smoke.", lock_config=True)
@@ -66,7 +66,7 @@ def run() -> None:
     @cli.command
     def main() -> None:
         cli.maybe_initialize_distributed(distributed.value, coordinator.value, num_processes.value, process_id.value)
-        from circlemix_jax import train  # noqa: PLC0415 - after distributed init
+        from circlemix_jax import train  # after distributed init
 
         config = config_flag.value
         workdir = workdir_flag.value or defaults.default_workdir(config)

@@ -84,9 +84,9 @@ def predict_logits(workdir: str, paths: list[str], decoded: dict, workers: int =
 
     `decoded` caches the decoded images by size, so models sharing a size decode once.
     """
-    import jax  # noqa: PLC0415
+    import jax
 
-    from circlemix_jax import pipeline, step as steplib, train  # noqa: PLC0415
+    from circlemix_jax import pipeline, step as steplib, train
 
     config = hierarchy.load_run_config(workdir)
     state = hierarchy.restore_best(os.path.abspath(workdir), config)
@@ -220,7 +220,7 @@ def print_provenance(workdirs) -> None:
 
 def run() -> None:
     """CLI entry; flags are defined here so importing this module defines none."""
-    from absl import app, flags  # noqa: PLC0415
+    from absl import app, flags
 
     workdir = flags.DEFINE_string("workdir", None, "Finished run whose best checkpoint predicts (e.g. a C5 run).")
     children = flags.DEFINE_multi_string("child", [], "Finished child run(s) that re-decide their classes, in order.")

@@ -159,7 +159,7 @@ def paired(base: dict[int, float], other: dict[int, float]) -> dict:
     d = np.array([other[f] - base[f] for f in folds], np.float64)
     p = None
     if len(d) >= MIN_PAIRS_FOR_TEST and np.any(d != 0):
-        from scipy.stats import wilcoxon  # noqa: PLC0415 - scipy comes with sklearn
+        from scipy.stats import wilcoxon  # scipy comes with sklearn
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # small-sample and tie warnings; the p-value is still defined
@@ -253,10 +253,10 @@ def markdown(rows: list[dict], methods: list[str], header: list[str], figures: l
 
 
 def _pyplot():
-    import matplotlib  # noqa: PLC0415 - only figures need it
+    import matplotlib  # only figures need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     return plt
 

@@ -166,7 +166,7 @@ class SummaryWriter:
           metrics: `metrics.classification_metrics`'s dict.
           loss: the mean cross-entropy (`cross_entropy`), if computed.
         """
-        from circlemix_jax import report  # noqa: PLC0415 - matplotlib only when a figure is drawn
+        from circlemix_jax import report  # matplotlib only when a figure is drawn
 
         values = {f"{split}/{k}": metrics[k] for k in ("balanced_accuracy", "balanced_f1", "accuracy")}
         for name, v in metrics["per_class"].items():

@@ -97,7 +97,7 @@ def check(config, workdir: str) -> Inputs | dict:
       InputError: the first problem found, naming the field, file or row.
     """
     if config.model.init_from:
-        from circlemix_jax import convert  # noqa: PLC0415 - optional weight readers
+        from circlemix_jax import convert  # optional weight readers
 
         convert.override_config(config, log=log)  # padding, eps and mean/std must match the weights
     config_check.check_run_config(config, jax.device_count())
@@ -153,7 +153,7 @@ def initial_variables(config, model, image_size: int) -> dict:
     dummy = np.zeros((1, image_size, image_size, 3), np.float32)
     variables = jax.jit(lambda k: model.init(k, dummy, train=False))(jax.random.key(config.seed))
     if config.model.init_from:
-        from circlemix_jax import convert  # noqa: PLC0415 - optional torch/h5 readers
+        from circlemix_jax import convert  # optional torch/h5 readers
 
         variables = convert.init_backbone(config.model.init_from, variables, log=log)
     if hierarchy.is_child(config):

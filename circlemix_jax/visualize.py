@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from circlemix_jax import augment, cli, colour, data, pipeline, step
+from circlemix_jax.errors import InputError
 
 _DRAWS = 3  # draws of each augmentation per image in --mode=augment
 
@@ -49,10 +50,10 @@ def mix_pair(rng: jax.Array, pair: jax.Array, method: str) -> tuple[jax.Array, j
 
 def make_figure(images: np.ndarray, labels: np.ndarray, class_names, num_pairs: int, seed: int):
     """Builds the matplotlib figure: columns A, B, CutMix(A,B), CircleMix(A,B)."""
-    import matplotlib  # noqa: PLC0415 - headless backend before pyplot
+    import matplotlib  # headless backend before pyplot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     pairs = pick_pairs(labels, num_pairs, seed)
     fig, axes = plt.subplots(len(pairs), 4, figsize=(10, 2.6 * len(pairs)), squeeze=False)
@@ -102,26 +103,20 @@ def pick_examples(records, centers: np.ndarray | None, seed: int, num: int) -> n
     return np.array(sorted(picked, key=lambda i: (centers[i], records.labels[i])))
 
 
-def read_centers(manifest: str, paths) -> np.ndarray | None:
-    """The manifest's `center` column aligned with `paths`, or None without one."""
-    import csv  # noqa: PLC0415
-    import os  # noqa: PLC0415
-
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "center" not in rows[0]:
+def _centers_if_any(records) -> np.ndarray | None:
+    """Each record's centre, or None when the manifest has no usable `center` column."""
+    try:
+        return data.centers(records)
+    except InputError:
         return None
-    root = os.path.dirname(os.path.abspath(manifest))
-    by_path = {os.path.normpath(os.path.join(root, r["path"].strip())): r["center"] for r in rows}
-    return np.array([by_path.get(os.path.normpath(p), "") for p in paths])
 
 
 def augment_figure(config, records, centers, seed: int, num: int = 6):
     """The --mode=augment figure: one row per picked image."""
-    import matplotlib  # noqa: PLC0415 - headless backend before pyplot
+    import matplotlib  # headless backend before pyplot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     picked = pick_examples(records, centers, seed, num)
     subset = records.take(picked)
@@ -147,7 +142,7 @@ def write_figure(config, out: str, mode: str, pairs: int, seed: int) -> None:
     """Writes the `mode` figure ('mix' or 'augment') of `config`'s data to `out`."""
     records = data.read_manifest(data.manifest_path(config), config.class_names, config.data.label_map.to_dict())
     if mode == "augment":
-        centers = read_centers(data.manifest_path(config), records.paths) if config.data.manifest else None
+        centers = _centers_if_any(records) if config.data.manifest else None
         fig = augment_figure(config, records, centers, seed)
     else:
         rng = np.random.default_rng(seed)
@@ -162,8 +157,8 @@ def write_figure(config, out: str, mode: str, pairs: int, seed: int) -> None:
 def run() -> None:
     """CLI entry (`python -m circlemix_jax.visualize`, `circlemix-visualize`); flags are
     defined here so importing this module defines none."""
-    from absl import app, flags  # noqa: PLC0415
-    from ml_collections import config_flags  # noqa: PLC0415
+    from absl import app, flags
+    from ml_collections import config_flags
 
     config = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/c5.py.", lock_config=True)
     out = flags.DEFINE_string("out", "mixed.png", "Where to write the PNG grid.")

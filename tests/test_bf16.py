@@ -38,7 +38,7 @@ def test_bf16_computes_in_bf16_with_float32_params():
     # Shapes and dtypes only: tracing needs no compilation, so this test stays fast.
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
     assert {p.dtype for p in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
-    forward = lambda v: model.apply(v, x, train=True, mutable=["batch_stats"])[0]  # noqa: E731
+    forward = lambda v: model.apply(v, x, train=True, mutable=["batch_stats"])[0]
     jaxpr = str(jax.make_jaxpr(forward)(variables))
     heavy = [ln for ln in jaxpr.splitlines() if "dot_general" in ln or "conv_general_dilated" in ln]
     assert heavy and all("bf16[" in ln for ln in heavy), [ln for ln in heavy if "bf16[" not in ln][:3]

@@ -112,10 +112,10 @@ def test_workdir_with_different_config(synthetic_manifest, workdir):
 
 
 def test_every_script_entry_point_exists_and_importing_clis_defines_no_flags():
-    import importlib  # noqa: PLC0415
-    import tomllib  # noqa: PLC0415
+    import importlib
+    import tomllib
 
-    from absl import flags  # noqa: PLC0415
+    from absl import flags
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "pyproject.toml"), "rb") as f:

@@ -121,7 +121,7 @@ def test_check_options_names_the_field(field, value):
 
 
 def _data(norm):
-    import ml_collections  # noqa: PLC0415
+    import ml_collections
 
     return ml_collections.ConfigDict({"input_norm": norm, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)})
 

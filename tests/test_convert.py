@@ -72,12 +72,12 @@ def _randomise_torch(model, seed: int) -> None:
     it normalises. Later layers thus see the perturbed outputs, and the logits stay
     O(10) instead of compounding the perturbations over 49 BatchNorms.
     """
-    import torch  # noqa: PLC0415
+    import torch
 
     rng = np.random.default_rng(seed)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     bn_ids = {id(m) for m in bns}
-    as_t = lambda a: torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
+    as_t = lambda a: torch.from_numpy(np.asarray(a, np.float32))
 
     def set_stats(bn, inputs):
         x = inputs[0]
@@ -103,7 +103,7 @@ def _randomise_torch(model, seed: int) -> None:
 
 
 def _torch_logits(model, mean, std) -> dict:
-    import torch  # noqa: PLC0415
+    import torch
 
     out = {}
     for size in SIZES:
@@ -135,7 +135,7 @@ def _timm_reference(arch: str, tmp_path_factory) -> Reference:
     model = timm.create_model(arch, pretrained=False)
     _randomise_torch(model, seed=2)
     if arch == "efficientnet_b0":  # safetensors + --arch
-        from safetensors.torch import save_file  # noqa: PLC0415
+        from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         _run_cli("--source", "timm", "--input", str(tmp / "model.safetensors"), "--arch", arch,
@@ -251,7 +251,7 @@ def keras_ref(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("keras")
     with pytest.MonkeyPatch.context() as mp:
         try:  # speed only: Keras compiles one initializer per shape (~40 s); every weight is overwritten below
-            from keras.src.applications import efficientnet as kapp  # noqa: PLC0415
+            from keras.src.applications import efficientnet as kapp
 
             mp.setattr(kapp, "CONV_KERNEL_INITIALIZER", "zeros")
             mp.setattr(kapp, "DENSE_KERNEL_INITIALIZER", "zeros")
@@ -343,7 +343,7 @@ def test_keras_applications_normalisation_quirk():
 # ---------------------------------------------------------------- training hooks
 
 def test_init_backbone_keeps_fresh_classifier(effnet_pytorch_ref):
-    from circlemix_jax import defaults  # noqa: PLC0415
+    from circlemix_jax import defaults
 
     directory = effnet_pytorch_ref.out_dir
     abstract = jax.eval_shape(EfficientNetB0(5).init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
@@ -403,7 +403,7 @@ def test_b1_checkpoint_is_refused(tmp_path):
 
 
 def test_truncated_file_is_refused(tmp_path, b0_state_dict):
-    import torch  # noqa: PLC0415
+    import torch
 
     torch.save(b0_state_dict, tmp_path / "full.pth")
     data = (tmp_path / "full.pth").read_bytes()
@@ -415,7 +415,7 @@ def test_truncated_file_is_refused(tmp_path, b0_state_dict):
 
 
 def test_missing_unexpected_and_misshapen_keys_are_all_listed(tmp_path, b0_state_dict, capsys):
-    import torch  # noqa: PLC0415
+    import torch
 
     sd = dict(b0_state_dict)
     del sd["_blocks.3._bn1.running_var"], sd["_fc.bias"]
@@ -441,8 +441,8 @@ def _refusal(capsys, *argv: str) -> str:
 
 
 def test_other_refusals(tmp_path, b0_state_dict, capsys, monkeypatch):
-    import torch  # noqa: PLC0415
-    from safetensors.numpy import save_file  # noqa: PLC0415
+    import torch
+    from safetensors.numpy import save_file
 
     torch.save(b0_state_dict, tmp_path / "b0.pth")
     save_file({"conv_stem.weight": np.zeros((32, 3, 3, 3), np.float32)}, str(tmp_path / "model.safetensors"))

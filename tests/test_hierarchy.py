@@ -106,7 +106,7 @@ def test_child_starts_from_parents_best_checkpoint(parent_run, monkeypatch):
     # What train_and_evaluate builds its first train state from, i.e. the child before training.
     child = jax.device_get(train.initial_variables(_config(stage, parent_workdir=workdir), _StubModel(fresh), SIZE))
     assert not np.array_equal(fresh["params"]["stem_conv"]["kernel"], child["params"]["stem_conv"]["kernel"])
-    body = lambda p: {k: v for k, v in p.items() if k != "classifier"}  # noqa: E731
+    body = lambda p: {k: v for k, v in p.items() if k != "classifier"}
     jax.tree_util.tree_map(np.testing.assert_array_equal, body(child["params"]), body(parent["params"]))
     jax.tree_util.tree_map(np.testing.assert_array_equal, child["batch_stats"], parent["batch_stats"])
     # Head = the parent's rows of the child's classes, so the child starts at the parent's restricted decision.

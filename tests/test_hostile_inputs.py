@@ -138,6 +138,7 @@ def test_a_bad_test_image_stops_the_run_before_training(tmp_path, synthetic_mani
     ("mix.prob", 1.5, "mix.prob"), ("optim.momentum", 1.0, "optim.momentum=1.0"),
     ("data.std", (0.2, 0.0, 0.2), "data.std"), ("log_every_steps", 0, "log_every_steps=0"),
     ("eval.decision", "prior", "double-counts"), ("data.input_norm", "macenko", "data.input_norm"),
+    ("model.child_head", "random", "model.child_head"), ("model.layers", "fast", "model.layers"),
 ])
 def test_config_values_are_checked_by_name(field, value, needle):
     config = defaults.get_config("binary", "smoke,scratch")

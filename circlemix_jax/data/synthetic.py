@@ -61,7 +61,7 @@ def _draw(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
         m = np.clip(mask, 0, 1)[..., None] * strength
         img = img * (1 - m) + np.asarray(color, np.float32) * m
 
-    soft = lambda edge, width=1.5: 1 / (1 + np.exp((d - edge) / width))  # noqa: E731
+    soft = lambda edge, width=1.5: 1 / (1 + np.exp((d - edge) / width))
     if label in (0, 1):
         if label == 1:  # periglomerular fibrosis: concentric pale-blue collagen ring
             paint(soft(r * 1.45) - soft(r * 1.12), (0.72, 0.78, 0.93), 0.9)

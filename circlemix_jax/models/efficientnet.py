@@ -69,7 +69,7 @@ class MBConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = lambda feats, name, bias=False: self.layers.pointwise(feats, bias, self.dtype, name=name)  # noqa: E731
+        conv = lambda feats, name, bias=False: self.layers.pointwise(feats, bias, self.dtype, name=name)
         in_ch = x.shape[-1]
         h = x
         if self.expand_ratio != 1:
@@ -119,7 +119,7 @@ class EfficientNetB0(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
-        bn = lambda name: self.layers.norm(  # noqa: E731
+        bn = lambda name: self.layers.norm(
             not train, self.bn_momentum, self.bn_eps, self.dtype, self.axis_name if train else None, name=name)
         x = x.astype(self.dtype)
         x = nn.Conv(STEM_CHANNELS, (3, 3), (2, 2), padding=spatial_padding(x, 3, 2, self.padding), use_bias=False,

@@ -65,7 +65,7 @@ def _restore(directory: str, meta: dict) -> dict:
     ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
     try:
         return ckptr.restore(path, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # noqa: BLE001 - Orbax raises many types for a damaged folder
+    except Exception as e:  # Orbax raises many types for a damaged folder
         raise ConversionError(f"cannot restore {path} as EfficientNet-B0 variables "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     finally:

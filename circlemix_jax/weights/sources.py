@@ -205,21 +205,21 @@ def key_map(source: str, shapes: dict[tuple[str, ...], tuple[int, ...]]) -> list
 def read_torch_like(path: str, log: Callable[[str], None]) -> dict[str, np.ndarray]:
     """Tensors of a safetensors file, or of a torch pickle (.pth/.bin/.pt), as numpy."""
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file  # noqa: PLC0415
+        from safetensors.numpy import load_file
 
         try:
             return dict(load_file(path))
-        except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        except Exception as e:  # any parse failure is a bad file
             raise ConversionError(f"cannot read {path} as safetensors ({type(e).__name__}: {e}); "
                                   "is it truncated or not a safetensors file?") from None
     try:
-        import torch  # noqa: PLC0415 - optional: only .pth/.bin need it
+        import torch  # optional: only .pth/.bin need it
     except ImportError:
         raise ConversionError(f"reading {path} needs PyTorch (pip install 'circlemix-jax[torch]'); "
                               "a .safetensors file needs no torch") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise ConversionError(f"cannot read {path} with torch.load ({type(e).__name__}: {first}); "
                               "is it truncated, or not a state dict?") from None
@@ -263,11 +263,11 @@ def read_keras_h5(path: str) -> KerasFile:
     Weight names such as 'block1a_dwconv/depthwise_kernel:0' (Keras 2) and
     'block1a_dwconv/kernel' (Keras 3) both become 'block1a_dwconv/kernel'.
     """
-    import h5py  # noqa: PLC0415
+    import h5py
 
     try:
         f = h5py.File(path, "r")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ConversionError(f"cannot open {path} as HDF5 ({type(e).__name__}: {e}); "
                               "is it truncated, or not a Keras .h5 file?") from None
     with f:
