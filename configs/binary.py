@@ -9,7 +9,8 @@ Arguments (the part after ':' in --config, comma-separated):
   scratch    the recommended recipe without ImageNet weights (`defaults.scratch`): cosine lr with
              warm-up, Nesterov, weight decay, EMA weights, label smoothing, logit-adjusted loss,
              the best epoch chosen from the second half, 8 dihedral views, small rotations,
-             colour and stain jitter at 96 px for 30 epochs; sized to train one fold
+             colour and stain jitter, each image standardised in optical density,
+             at 96 px for 30 epochs; sized to train one fold
              of the public set in under 30 minutes on a 2-core CPU
   baseline, mixup, cutmix, circlemix
              the mixing method, e.g. configs/binary.py:scratch,circlemix
