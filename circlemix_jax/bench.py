@@ -185,6 +185,75 @@ def bench_pipeline(manifest: str, res: int, batch: int, workers: int, max_images
             "peak_rss_mib": peak_rss_mib()}
 
 
+def bench_end_to_end(batch: int, res: int, steps: int, mix: str, dtype: str, manifest: str, rounds: int) -> dict:
+    """img/s of the real training loop (`train.run_steps`) against the train step alone.
+
+    The loop runs on fold 0 of the manifest (or of the built-in synthetic set),
+    epoch after epoch as training does: Grain batches from the decoded cache,
+    the copy to the device and the step. The step alone is timed as
+    `bench_model` times it, on one batch already on the device. The two
+    alternate `rounds` times in this one process, so the machine's load moves
+    both; the ratio is of the medians.
+    """
+    import itertools
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    from circlemix_jax import checkpoint, pipeline, train
+    from circlemix_jax import step as steplib
+    from circlemix_jax.cli import StopRequest
+    from circlemix_jax.progress import Progress
+    from circlemix_jax.summary import SummaryWriter
+
+    config = bench_config(batch, res, mix, dtype)
+    with config.unlocked():
+        config.data.manifest = manifest
+    with tempfile.TemporaryDirectory(prefix="circlemix-bench-") as workdir, \
+            contextlib.redirect_stdout(sys.stderr):  # the run's progress lines; stdout is the JSON line
+        inputs = train.check(config, workdir)
+        ckpts = checkpoint.RunCheckpoints(workdir)
+        m, state, _ = train.prepare(inputs, ckpts)
+        x, y = inputs.images["train"], inputs.parts["train"].labels
+        meter = Progress(1 << 30, 0, batch, config.log_every_steps)
+        loop = train.Loop(config, m, inputs.steps_per_epoch, jax.random.key(config.seed),
+                          SummaryWriter(workdir, enabled=False), meter, ckpts, StopRequest(), workdir)
+        workers = pipeline.loader_threads(config.data.workers)
+        stream = itertools.chain.from_iterable(
+            pipeline.train_batches(x, y, batch, config.seed, epoch, workers=workers) for epoch in itertools.count())
+        t0 = time.perf_counter()
+        state, step = train.run_steps(loop, state, itertools.islice(stream, 3), 0, 0, {})  # compile + 2 warm
+        warmup_s = time.perf_counter() - t0
+
+        data = steplib.shard_batch(next(stream), m.mesh)
+        lr = np.float32(config.optim.lr)
+        holder = {"state": state}
+
+        def step_once():
+            holder["state"], metrics = m.train_fn(holder["state"], data, loop.root_rng, lr)
+            jax.block_until_ready(metrics["loss"])
+
+        step_s, loop_s = [], []
+        for _ in range(rounds):
+            step_s.append(_timed(step_once, steps, warmup=0))
+            t0 = time.perf_counter()
+            holder["state"], step = train.run_steps(loop, holder["state"], itertools.islice(stream, steps), step, 0, {})
+            loop_s.append(time.perf_counter() - t0)
+        ckpts.close()
+    step_img_s = batch * steps / statistics.median(step_s)
+    loop_img_s = batch * steps / statistics.median(loop_s)
+    return {"mode": "end_to_end", "loop_img_s": round(loop_img_s, 3), "step_img_s": round(step_img_s, 3),
+            "ratio": round(loop_img_s / step_img_s, 4),
+            "loop_runs_img_s": [round(batch * steps / s, 3) for s in loop_s],
+            "step_runs_img_s": [round(batch * steps / s, 3) for s in step_s],
+            "warmup_s": round(warmup_s, 2), "peak_rss_mib": peak_rss_mib(), "batch": batch, "res": res,
+            "steps": steps, "rounds": rounds, "mix": mix, "dtype": dtype, "loader_threads": workers,
+            "prefetch_depth": train.PREFETCH_DEPTH, "log_every_steps": config.log_every_steps,
+            "train_images": len(y), "manifest": manifest or "synthetic", "devices": m.mesh.size,
+            "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
+
+
 def _run_json(cmd: list[str]) -> dict:
     """Runs a benchmark process and parses the last JSON line it prints."""
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -242,6 +311,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mix", default="circlemix", choices=("none", "mixup", "cutmix", "circlemix"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--pipeline", action="store_true", help="benchmark the host input pipeline instead")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="the real training loop (pipeline, copy to the device, step) against the step alone")
     p.add_argument("--manifest", default="", help="manifest CSV for --pipeline")
     p.add_argument("--workers", type=int, default=0, help="pipeline threads (0: the training default)")
     p.add_argument("--max-images", type=int, default=0, help="decode at most this many (0: all)")
@@ -249,7 +320,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peer", default="", help="python of the peer's venv: alternate project and peer runs")
     p.add_argument("--peer-script", default=DEFAULT_PEER_SCRIPT, help="peer benchmark script")
     p.add_argument("--no-channels-last", action="store_true", help="run the peer without --channels-last")
-    p.add_argument("--rounds", type=int, default=3, help="A B rounds with --peer")
+    p.add_argument("--rounds", type=int, default=3, help="A B rounds with --peer or --end-to-end")
     return p.parse_args(argv)
 
 
@@ -257,6 +328,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.peer:
         result = bench_against_peer(args)
+    elif args.end_to_end:
+        result = bench_end_to_end(args.batch, args.res, args.steps, args.mix, args.dtype, args.manifest,
+                                  args.rounds)
     elif args.pipeline:
         if not args.manifest:
             raise SystemExit("--pipeline needs --manifest PATH")

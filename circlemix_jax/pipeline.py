@@ -8,11 +8,12 @@ first costs only a gather per batch.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grain
 import numpy as np
@@ -151,3 +152,34 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
 def default_workers() -> int:
     """Host threads for decoding: all cores, at least 2."""
     return max(2, os.cpu_count() or 2)
+
+
+# Batch gathers are memory copies, so a few threads keep even a fast accelerator fed;
+# more would only add thread switches on the cores XLA is computing on.
+MAX_LOADER_THREADS = 8
+
+
+def loader_threads(configured: int) -> int:
+    """Threads that gather training batches: the configured number, raised to the host's cores (up to 8).
+
+    A config written for a 2-core laptop (data.workers=4) then still feeds a 16-core
+    GPU host, where a cold disk cache needs several reads in flight.
+    """
+    return max(configured, min(os.cpu_count() or 1, MAX_LOADER_THREADS))
+
+
+def prefetch(batches: Iterable, put: Callable, depth: int = 2) -> Iterator:
+    """Yields `put(batch)` for each batch, with `depth` batches put ahead of the one in use.
+
+    With `put` a host-to-device copy, the copies of the next batches are issued
+    while the device still runs the current step, so a step never waits for its
+    input. JAX copies and steps run asynchronously: the order of the calls is the
+    order on the device, and nothing here waits for either.
+    """
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(put(batch))
+        if len(queue) > depth:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
