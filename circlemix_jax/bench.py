@@ -158,9 +158,44 @@ def bench_model(batch: int, res: int, steps: int, mix: str, dtype: str) -> dict:
     }
 
 
-def bench_pipeline(manifest: str, res: int, batch: int, workers: int, max_images: int, epochs: int) -> dict:
-    """img/s of filling the decoded cache and of iterating `train_batches` over it."""
-    from circlemix_jax import data, defaults, pipeline
+def rss_anon_mib() -> float:
+    """This process's anonymous resident memory (RssAnon): page-cache pages of mapped files do not count."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+@contextlib.contextmanager
+def anon_peak(interval_s: float = 0.02):
+    """Samples RssAnon in a thread while the block runs; yields a dict whose 'mib' is the peak so far."""
+    import threading
+
+    peak, done = {"mib": rss_anon_mib()}, threading.Event()
+
+    def sample():
+        while not done.wait(interval_s):
+            peak["mib"] = max(peak["mib"], rss_anon_mib())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        thread.join()
+        peak["mib"] = max(peak["mib"], rss_anon_mib())
+
+
+def bench_pipeline(manifest: str, res: int, batch: int, workers: int, max_images: int, epochs: int,
+                   cache: str = "memory", cache_dir: str = "", budget_mib: float = 8192) -> dict:
+    """img/s of filling the decoded cache and of iterating `train_batches` over it, and peak RssAnon.
+
+    With `cache` 'disk' the images come from image_cache's memory-mapped file (built on
+    first use, reused after: `cache_built` says which); 'auto' picks as training does.
+    """
+    from circlemix_jax import data, defaults, image_cache, pipeline
     from circlemix_jax.errors import InputError
 
     try:
@@ -170,18 +205,27 @@ def bench_pipeline(manifest: str, res: int, batch: int, workers: int, max_images
     paths, labels = records.paths, records.labels
     if max_images:
         paths, labels = paths[:max_images], labels[:max_images]
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # decode_all reports on stdout; ours is the JSON line
-        images = pipeline.decode_all(list(paths), res, workers)
-    decode_s = time.perf_counter() - t0
-    n, t0 = 0, time.perf_counter()
-    for epoch in range(epochs):
-        for b in pipeline.train_batches(images, labels, batch, seed=0, epoch=epoch, workers=workers):
-            n += len(b["label"])
-    iter_s = time.perf_counter() - t0
-    return {"mode": "pipeline", "decode_img_s": round(len(paths) / decode_s, 1),
-            "batches_img_s": round(n / iter_s, 1), "images": len(paths), "iterated": n,
+    mode = image_cache.choose(cache, len(paths), res, budget_mib)
+    with anon_peak() as peak:
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # decode_all reports on stdout; ours is the JSON line
+            if mode == "disk":
+                store, row_of, built = image_cache.open_or_build(paths, res, workers, cache_dir)
+                images = image_cache.ImageRows(store, [row_of[str(p)] for p in paths])
+            else:
+                built, images = True, pipeline.decode_all(list(paths), res, workers)
+        decode_s = time.perf_counter() - t0
+        decode_peak = peak["mib"]
+        n, t0 = 0, time.perf_counter()
+        for epoch in range(epochs):
+            for b in pipeline.train_batches(images, labels, batch, seed=0, epoch=epoch, workers=workers):
+                n += len(b["label"])
+        iter_s = time.perf_counter() - t0
+    return {"mode": "pipeline", "cache": mode, "cache_built": built,
+            "decode_img_s": round(len(paths) / decode_s, 1), "decode_s": round(decode_s, 2),
+            "batches_img_s": round(n / iter_s, 1), "images": len(paths), "iterated": n, "epochs": epochs,
             "workers": workers, "batch": batch, "res": res, "cache_mib": round(images.nbytes / 2**20, 1),
+            "peak_anon_mib": round(peak["mib"], 1), "peak_anon_mib_decode": round(decode_peak, 1),
             "peak_rss_mib": peak_rss_mib()}
 
 
@@ -313,10 +357,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pipeline", action="store_true", help="benchmark the host input pipeline instead")
     p.add_argument("--end-to-end", action="store_true",
                    help="the real training loop (pipeline, copy to the device, step) against the step alone")
-    p.add_argument("--manifest", default="", help="manifest CSV for --pipeline")
+    p.add_argument("--manifest", default="", help="manifest CSV for --pipeline or --end-to-end")
+    p.add_argument("--synthetic", type=int, default=0,
+                   help="--pipeline on the built-in synthetic set of this many images (generated on first use)")
+    p.add_argument("--cache", default="memory", choices=("auto", "memory", "disk"),
+                   help="--pipeline: where the decoded images live (training's config field data.cache)")
+    p.add_argument("--cache-dir", default="", help="--pipeline: the disk cache's folder ('' = the default)")
+    p.add_argument("--cache-memory-mib", type=float, default=8192, help="--cache auto: the memory budget")
     p.add_argument("--workers", type=int, default=0, help="pipeline threads (0: the training default)")
     p.add_argument("--max-images", type=int, default=0, help="decode at most this many (0: all)")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the cache for --pipeline")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="passes over the cache for --pipeline (0: 1 with --synthetic, else 3)")
     p.add_argument("--peer", default="", help="python of the peer's venv: alternate project and peer runs")
     p.add_argument("--peer-script", default=DEFAULT_PEER_SCRIPT, help="peer benchmark script")
     p.add_argument("--no-channels-last", action="store_true", help="run the peer without --channels-last")
@@ -332,12 +383,19 @@ def main(argv=None) -> None:
         result = bench_end_to_end(args.batch, args.res, args.steps, args.mix, args.dtype, args.manifest,
                                   args.rounds)
     elif args.pipeline:
-        if not args.manifest:
-            raise SystemExit("--pipeline needs --manifest PATH")
-        from circlemix_jax import pipeline
+        if not args.manifest and not args.synthetic:
+            raise SystemExit("--pipeline needs --manifest PATH or --synthetic N")
+        from circlemix_jax import pipeline, synthetic
 
+        manifest = args.manifest
+        if args.synthetic:
+            with contextlib.redirect_stdout(sys.stderr):
+                manifest = synthetic.ensure(args.synthetic)
         workers = args.workers or pipeline.default_workers()
-        result = bench_pipeline(args.manifest, args.res, args.batch, workers, args.max_images, args.epochs)
+        epochs = args.epochs or (1 if args.synthetic else 3)
+        result = bench_pipeline(manifest, args.res, args.batch, workers, args.max_images, epochs, args.cache,
+                                args.cache_dir, args.cache_memory_mib)
+        result["synthetic"] = args.synthetic
     else:
         result = bench_model(args.batch, args.res, args.steps, args.mix, args.dtype)
     import jax

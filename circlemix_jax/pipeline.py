@@ -47,16 +47,25 @@ def load_image(path: str, size: int) -> np.ndarray:
         return np.asarray(im, np.uint8)
 
 
-def decode_all(paths, size: int, workers: int = 4, desc: str = "decoding") -> np.ndarray:
+def decode_all(paths, size: int, workers: int = 4, desc: str = "decoding", out: np.ndarray | None = None
+               ) -> np.ndarray:
     """Decodes every image in parallel threads (PIL releases the GIL).
 
+    Args:
+      paths: image files.
+      size: output side in pixels.
+      workers: decoding threads.
+      desc: what the progress lines call the work.
+      out: (N, size, size, 3) uint8 to decode into (a memory map for the disk cache); new if None.
+
     Returns:
-      uint8 array (N, size, size, 3).
+      uint8 array (N, size, size, 3): `out` when given.
 
     Raises:
       InputError: listing every missing or unreadable file, not only the first.
     """
-    out = np.empty((len(paths), size, size, 3), np.uint8)
+    if out is None:
+        out = np.empty((len(paths), size, size, 3), np.uint8)
     bad: list[str] = []
 
     def one(i: int) -> None:

@@ -30,7 +30,8 @@ SPLIT = "split.json"
 METRICS = "metrics.json"
 SPLITS = ("train", "val", "test")
 # Fields that change how a run is executed, not what it computes: a rerun may differ in these.
-EXECUTION_FIELDS = ("data.workers", "log_every_steps", "checkpoint_every_steps", "eval_batch_size")
+EXECUTION_FIELDS = ("data.workers", "data.cache", "data.cache_memory_mib", "data.cache_dir", "log_every_steps",
+                    "checkpoint_every_steps", "eval_batch_size")
 
 
 def absolute(workdir: str) -> str:
@@ -126,9 +127,16 @@ def split_record(records, split) -> dict:
     return out
 
 
-def pixels_sha256(images: np.ndarray) -> str:
-    """Fingerprint of decoded images: a changed image file changes it."""
-    return hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()
+def pixels_sha256(images) -> str:
+    """Fingerprint of decoded images: a changed image file changes it.
+
+    Hashed a few rows at a time, so images on disk (image_cache.ImageRows) are never
+    all in memory at once; the digest is that of the whole contiguous array.
+    """
+    h = hashlib.sha256()
+    for start in range(0, len(images), 256):
+        h.update(np.ascontiguousarray(images[start:start + 256]).data)
+    return h.hexdigest()
 
 
 def describe_change(old: dict, new: dict) -> str | None:

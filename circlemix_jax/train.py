@@ -27,7 +27,8 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from circlemix_jax import augment, checkpoint, config_check, data, decision, hierarchy, masks, pipeline, rundir
+from circlemix_jax import augment, checkpoint, config_check, data, decision, hierarchy, image_cache, masks, pipeline
+from circlemix_jax import rundir
 from circlemix_jax import step as steplib
 from circlemix_jax.cli import StopRequest, install_stop_handlers
 from circlemix_jax import defaults
@@ -64,7 +65,7 @@ class Inputs:
     split: data.Split
     parts: dict  # {'train', 'val', 'test'}: the stage's images, relabelled to local ids
     test_records: data.Records  # every image of the test fold (children need them all to merge)
-    images: dict  # {'train', 'val', 'test'}: decoded uint8 (N, S, S, 3)
+    images: dict  # {'train', 'val', 'test'}: decoded uint8 (N, S, S, 3), in memory or image_cache.ImageRows
     split_record: dict  # what split.json holds
 
     @property
@@ -120,21 +121,41 @@ def check(config, workdir: str) -> Inputs | dict:
         raise InputError(f"config field batch_size={config.batch_size} exceeds the {len(parts['train'])} "
                          "training images")
     test_records = records.take(split.test)
-    size, workers = config.data.image_size, config.data.workers
-    # One decode of every split, so that one error lists every unreadable image of all three.
+    workers = config.data.workers
     named = (("train", parts["train"]), ("val", parts["val"]), ("test", test_records))
-    decoded = pipeline.decode_all(np.concatenate([recs.paths for _, recs in named]), size, workers,
-                                  "decoding train, val and test")
-    ends = np.cumsum([len(recs) for _, recs in named])
-    images = {name: x for (name, _), x in zip(named, np.split(decoded, ends[:-1]))}
+    images = decoded_images(config, records, named)
     if config.mix.lam_mode == "mask":  # glomerulus masks ride along as a 4th channel (see masks.py)
         images["train"] = masks.with_mask_channel(
-            images["train"], masks.mask_paths(data.manifest_path(config), parts["train"].paths), workers)
+            np.asarray(images["train"]), masks.mask_paths(data.manifest_path(config), parts["train"].paths), workers)
     fingerprints = {name: rundir.pixels_sha256(x) for name, x in images.items()}
     rundir.check_pixels(workdir, fingerprints)
     for name, fp in fingerprints.items():
         record[name]["pixels_sha256"] = fp
     return Inputs(config, workdir, config_json, records, split, parts, test_records, images, record)
+
+
+def decoded_images(config, records: data.Records, named) -> dict:
+    """The decoded images of each named split: in memory, or rows of the on-disk cache (`data.cache`).
+
+    Either way one decode covers every split, so one error lists every unreadable image of all of them.
+
+    Args:
+      config: the run's config (`data.image_size`, `data.workers`, `data.cache*`).
+      records: every image of the manifest; the disk cache holds them all, so folds and stages share it.
+      named: ((split name, its records), ...).
+
+    Returns:
+      {split name: uint8 (N, S, S, 3) array or image_cache.ImageRows}.
+    """
+    size, workers = config.data.image_size, config.data.workers
+    count = sum(len(recs) for _, recs in named)
+    if image_cache.choose(config.data.cache, count, size, config.data.cache_memory_mib) == "disk":
+        store, row_of, _ = image_cache.open_or_build(records.paths, size, workers, config.data.cache_dir)
+        return {name: image_cache.ImageRows(store, [row_of[str(p)] for p in recs.paths]) for name, recs in named}
+    decoded = pipeline.decode_all(np.concatenate([recs.paths for _, recs in named]), size, workers,
+                                  "decoding train, val and test")
+    ends = np.cumsum([len(recs) for _, recs in named])
+    return {name: x for (name, _), x in zip(named, np.split(decoded, ends[:-1]))}
 
 
 @dataclasses.dataclass
