@@ -58,6 +58,34 @@ def _timed(fn, steps: int, warmup: int = 2) -> float:
     return time.perf_counter() - start
 
 
+def compiled_cost(compiled) -> dict:
+    """XLA's cost analysis of a compiled program: floating-point operations and bytes accessed per call.
+
+    These are XLA's static estimates (every op's flops and operand plus result
+    bytes, before caching), so bytes/s against the memory's bandwidth is an upper
+    bound on the share of bandwidth used.
+    """
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+
+
+def roofline(cost: dict, seconds_per_call: float, peak_tflop_s: float, peak_gb_s: float) -> dict:
+    """Achieved FLOP/s and bytes/s of one program, and their fractions of the device's peaks (when given)."""
+    tflop_s = cost["flops"] / seconds_per_call / 1e12
+    gb_s = cost["bytes"] / seconds_per_call / 1e9
+    out = {"gflop": round(cost["flops"] / 1e9, 3), "gbytes": round(cost["bytes"] / 1e9, 4),
+           "flop_per_byte": round(cost["flops"] / cost["bytes"], 2) if cost["bytes"] else None,
+           "tflop_s": round(tflop_s, 4), "gb_s": round(gb_s, 2)}
+    if peak_tflop_s:
+        out["flop_fraction"] = round(tflop_s / peak_tflop_s, 4)
+    if peak_gb_s:
+        out["bandwidth_fraction"] = round(gb_s / peak_gb_s, 4)
+    return out
+
+
 def bench_config(batch: int, res: int, mix: str, dtype: str):
     """The 'c5' training config with the benchmark's batch, size, mixing and dtype."""
     from circlemix_jax import defaults
@@ -71,13 +99,18 @@ def bench_config(batch: int, res: int, mix: str, dtype: str):
     return config
 
 
-def bench_model(batch: int, res: int, steps: int, mix: str, dtype: str) -> dict:
+def bench_model(batch: int, res: int, steps: int, mix: str, dtype: str, peak_tflop_s: float = 0.0,
+                peak_gb_s: float = 0.0) -> dict:
     """img/s of the train and eval steps, compile time and the augmentation share.
 
     The augmentation share compares the jitted `prepare_images` (flips, crop,
     normalisation and mixing) and `augment.mix` alone against the full train
     step on the same batch; inside the step XLA may fuse them differently, so
     the shares are upper-bound estimates rather than an exact split.
+
+    `train_cost` and `eval_cost` hold XLA's flops and bytes of each compiled step
+    and what the timed steps achieved (`roofline`), as fractions of
+    `peak_tflop_s` and `peak_gb_s` when those are given.
     """
     import jax
     import jax.numpy as jnp
@@ -155,6 +188,8 @@ def bench_model(batch: int, res: int, steps: int, mix: str, dtype: str) -> dict:
         "mix": mix, "dtype": dtype, "batch": batch, "res": res, "steps": steps,
         "devices": mesh.size, "eval_pieces": step.eval_pieces(batch // mesh.size),
         "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+        "train_cost": roofline(compiled_cost(train), train_s / steps, peak_tflop_s, peak_gb_s),
+        "eval_cost": roofline(compiled_cost(evaluate), eval_s / steps, peak_tflop_s, peak_gb_s),
     }
 
 
@@ -230,7 +265,7 @@ def bench_pipeline(manifest: str, res: int, batch: int, workers: int, max_images
 
 
 def bench_end_to_end(batch: int, res: int, steps: int, mix: str, dtype: str, manifest: str, rounds: int) -> dict:
-    """img/s of the real training loop (`train.run_steps`) against the train step alone.
+    """img/s of the real training loop (`epoch_steps.run_steps`) against the train step alone.
 
     The loop runs on fold 0 of the manifest (or of the built-in synthetic set),
     epoch after epoch as training does: Grain batches from the decoded cache,
@@ -245,12 +280,13 @@ def bench_end_to_end(batch: int, res: int, steps: int, mix: str, dtype: str, man
     import jax
     import numpy as np
 
-    from circlemix_jax import checkpoint, pipeline, train
+    from circlemix_jax import checkpoint, epoch_steps, pipeline, train
     from circlemix_jax import step as steplib
-    from circlemix_jax.cli import StopRequest
+    from circlemix_jax.cli import StopRequest, configure_compilation_cache
     from circlemix_jax.progress import Progress
     from circlemix_jax.summary import SummaryWriter
 
+    configure_compilation_cache()  # as training does: no figure here includes the compile
     config = bench_config(batch, res, mix, dtype)
     with config.unlocked():
         config.data.manifest = manifest
@@ -261,13 +297,13 @@ def bench_end_to_end(batch: int, res: int, steps: int, mix: str, dtype: str, man
         m, state, _ = train.prepare(inputs, ckpts)
         x, y = inputs.images["train"], inputs.parts["train"].labels
         meter = Progress(1 << 30, 0, batch, config.log_every_steps)
-        loop = train.Loop(config, m, inputs.steps_per_epoch, jax.random.key(config.seed),
+        loop = epoch_steps.Loop(config, m, inputs.steps_per_epoch, jax.random.key(config.seed),
                           SummaryWriter(workdir, enabled=False), meter, ckpts, StopRequest(), workdir)
         workers = pipeline.loader_threads(config.data.workers)
         stream = itertools.chain.from_iterable(
             pipeline.train_batches(x, y, batch, config.seed, epoch, workers=workers) for epoch in itertools.count())
         t0 = time.perf_counter()
-        state, step = train.run_steps(loop, state, itertools.islice(stream, 3), 0, 0, {})  # compile + 2 warm
+        state, step = epoch_steps.run_steps(loop, state, itertools.islice(stream, 3), 0, 0, {})  # compile + 2 warm
         warmup_s = time.perf_counter() - t0
 
         data = steplib.shard_batch(next(stream), m.mesh)
@@ -282,7 +318,8 @@ def bench_end_to_end(batch: int, res: int, steps: int, mix: str, dtype: str, man
         for _ in range(rounds):
             step_s.append(_timed(step_once, steps, warmup=0))
             t0 = time.perf_counter()
-            holder["state"], step = train.run_steps(loop, holder["state"], itertools.islice(stream, steps), step, 0, {})
+            timed = itertools.islice(stream, steps)
+            holder["state"], step = epoch_steps.run_steps(loop, holder["state"], timed, step, 0, {})
             loop_s.append(time.perf_counter() - t0)
         ckpts.close()
     step_img_s = batch * steps / statistics.median(step_s)
@@ -293,7 +330,7 @@ def bench_end_to_end(batch: int, res: int, steps: int, mix: str, dtype: str, man
             "step_runs_img_s": [round(batch * steps / s, 3) for s in step_s],
             "warmup_s": round(warmup_s, 2), "peak_rss_mib": peak_rss_mib(), "batch": batch, "res": res,
             "steps": steps, "rounds": rounds, "mix": mix, "dtype": dtype, "loader_threads": workers,
-            "prefetch_depth": train.PREFETCH_DEPTH, "log_every_steps": config.log_every_steps,
+            "prefetch_depth": epoch_steps.PREFETCH_DEPTH, "log_every_steps": config.log_every_steps,
             "train_images": len(y), "manifest": manifest or "synthetic", "devices": m.mesh.size,
             "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
 
@@ -314,9 +351,10 @@ def bench_against_peer(args) -> dict:
     thread pools, and slow drifts in the shared machine's load hit both sides.
     """
     ours_cmd = [sys.executable, "-m", "circlemix_jax.bench", "--batch", str(args.batch), "--res", str(args.res),
-                "--steps", str(args.steps), "--mix", args.mix, "--dtype", args.dtype]
+                "--steps", str(args.steps), "--mix", args.mix, "--dtype", args.dtype,
+                "--peak-tflops", str(args.peak_tflops), "--peak-gb-s", str(args.peak_gb_s)]
     peer_cmd = [args.peer, args.peer_script, "--batch", str(args.batch), "--res", str(args.res),
-                "--steps", str(args.steps)] + ([] if args.no_channels_last else ["--channels-last"])
+                "--steps", str(args.steps)] + ([] if args.no_channels_last else ["--channels-last"]) + args.peer_arg
     ours, peer, loads = [], [], []
     for r in range(args.rounds):
         for name, cmd, out in (("project", ours_cmd, ours), ("peer", peer_cmd, peer)):
@@ -343,6 +381,8 @@ def bench_against_peer(args) -> dict:
     for field in ("compile_s", "augment_share", "mix_share", "step_ms"):
         summary[f"project_{field}"] = med(ours, field)
     summary["project_peak_rss_mib"] = med(ours, "peak_rss_mib")
+    by_train = sorted(ours, key=lambda run: run["train_img_s"])
+    summary["project_train_cost"] = by_train[len(by_train) // 2].get("train_cost")  # of the median run
     summary["load_1min_before_runs"] = [v for load in loads for v in load]
     return summary
 
@@ -372,6 +412,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peer-script", default=DEFAULT_PEER_SCRIPT, help="peer benchmark script")
     p.add_argument("--no-channels-last", action="store_true", help="run the peer without --channels-last")
     p.add_argument("--rounds", type=int, default=3, help="A B rounds with --peer or --end-to-end")
+    p.add_argument("--peer-arg", action="append", default=[],
+                   help="an extra argument for the peer script (repeatable), e.g. --peer-arg=--compile")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="the device's peak TFLOP/s at --dtype: train_cost/eval_cost then give flop_fraction")
+    p.add_argument("--peak-gb-s", type=float, default=0.0,
+                   help="the device's memory bandwidth in GB/s: train_cost/eval_cost then give bandwidth_fraction")
     return p.parse_args(argv)
 
 
@@ -397,7 +443,8 @@ def main(argv=None) -> None:
                                 args.cache_dir, args.cache_memory_mib)
         result["synthetic"] = args.synthetic
     else:
-        result = bench_model(args.batch, args.res, args.steps, args.mix, args.dtype)
+        result = bench_model(args.batch, args.res, args.steps, args.mix, args.dtype, args.peak_tflops,
+                             args.peak_gb_s)
     import jax
 
     result.update({"jax": jax.__version__, "python": platform.python_version(), "nproc": os.cpu_count(),

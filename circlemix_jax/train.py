@@ -27,10 +27,11 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from circlemix_jax import augment, checkpoint, config_check, data, decision, hierarchy, image_cache, masks, pipeline
-from circlemix_jax import rundir
+from circlemix_jax import augment, checkpoint, config_check, data, decision, epoch_steps, hierarchy, image_cache, masks
+from circlemix_jax import pipeline, rundir
 from circlemix_jax import step as steplib
 from circlemix_jax.cli import StopRequest, install_stop_handlers
+from circlemix_jax.epoch_steps import Stopped
 from circlemix_jax import defaults
 from circlemix_jax.defaults import method_name
 from circlemix_jax.errors import InputError
@@ -38,20 +39,6 @@ from circlemix_jax.metrics import classification_metrics
 from circlemix_jax.progress import Progress, log
 from circlemix_jax import summary
 from circlemix_jax.summary import SummaryWriter
-
-
-class Stopped(Exception):
-    """A stop signal (SIGTERM, SIGINT) ended the run after saving what there was to save.
-
-    Attributes:
-      signum: the signal.
-      step: the step saved in `latest`, or None when training had not started.
-      workdir: the run folder.
-    """
-
-    def __init__(self, signum: int, step: int | None, workdir: str):
-        super().__init__(signum, step, workdir)
-        self.signum, self.step, self.workdir = signum, step, workdir
 
 
 @dataclasses.dataclass
@@ -288,97 +275,6 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
         return write(inputs, progress, logits, rule)
 
 
-def _save_and_stop(ckpts, step: int, state, progress, stop: StopRequest, workdir: str):
-    ckpts.save(checkpoint.LATEST, step, state, progress)
-    ckpts.wait()  # `state` was donated to the step: the save must finish before the process ends
-    raise Stopped(stop.signum, step, workdir)
-
-
-# Batches copied to the device ahead of the step that uses them (pipeline.prefetch).
-PREFETCH_DEPTH = 2
-# Metrics of the newest steps stay on the device when a progress line is due: reading them
-# would wait for the step just dispatched and leave the device idle until the next one.
-METRICS_LAG = 1
-
-
-@dataclasses.dataclass
-class Loop:
-    """What every training step needs besides the state and the batch.
-
-    Attributes:
-      config: the run's config.
-      m: the compiled machinery.
-      spe: steps per epoch.
-      root_rng: the run's root key; each step folds in its step number.
-      writer: TensorBoard writer (disabled off process 0).
-      meter: progress lines and img/s.
-      ckpts: the run's checkpoints (saved on a stop or every `checkpoint_every_steps`).
-      stop: polled after every step.
-      workdir: the run folder, named in `Stopped`.
-    """
-
-    config: object
-    m: Machinery
-    spe: int
-    root_rng: jax.Array
-    writer: SummaryWriter
-    meter: Progress
-    ckpts: object
-    stop: StopRequest
-    workdir: str
-
-
-def run_steps(loop: Loop, state, batches, step: int, epoch: int, progress: dict):
-    """Train steps over `batches` (host numpy batches); the metrics of every step are flushed on return.
-
-    Nothing here waits for the device between steps: batches are copied
-    `PREFETCH_DEPTH` ahead, the learning rate is a host value, and metrics are
-    read every `log_every_steps`, `METRICS_LAG` steps behind the newest.
-
-    Returns:
-      (state, step) after the last batch.
-
-    Raises:
-      Stopped: a stop signal arrived (the state is saved as `latest` first).
-      FloatingPointError: a non-finite loss or gradient.
-    """
-    config, m, meter, spe = loop.config, loop.m, loop.meter, loop.spe
-    multi = jax.process_count() > 1
-    pending = []
-
-    def flush(keep: int = 0):
-        nonlocal pending
-        done, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
-        return _flush_metrics(config, done, step - keep, spe, loop.writer, meter, loop.ckpts)
-
-    for batch in pipeline.prefetch(batches, lambda b: steplib.shard_batch(b, m.mesh), PREFETCH_DEPTH):
-        lr = np.float32(steplib.learning_rate(config, spe, step))  # a host value: no sync with the device
-        if not meter.is_compiled:
-            meter.compiling()
-        state, metrics = m.train_fn(state, batch, loop.root_rng, lr)
-        step += 1
-        if not meter.is_compiled:
-            jax.block_until_ready(metrics)  # once per process, to time the compile apart
-            meter.compiled(step)
-        pending.append(metrics)
-        if meter.due(step) or step % spe == 0:
-            losses = flush(keep=0 if step % spe == 0 else METRICS_LAG)
-            meter.report(step, epoch, config.num_epochs, losses, lr)
-        if multi:
-            # The preemption service that jax.distributed.initialize starts catches SIGTERM
-            # in every process and agrees on one step at which all of them stop.
-            if multihost_utils.reached_preemption_sync_point(step):
-                loop.stop.signum = loop.stop.signum or signal.SIGTERM
-        if loop.stop or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-                         and step % spe):
-            flush()
-            if loop.stop:
-                _save_and_stop(loop.ckpts, step, state, progress, loop.stop, loop.workdir)
-            loop.ckpts.save(checkpoint.LATEST, step, state, progress)
-    flush()
-    return state, step
-
-
 def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: StopRequest):
     """Runs the remaining epochs; each ends with a validation pass and the `latest`/`best` checkpoints.
 
@@ -399,7 +295,7 @@ def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: Stop
             "so nothing is mixed")
     step = int(state.step)
     meter = Progress(total, start_step=step, batch_size=config.batch_size, log_every=config.log_every_steps)
-    loop = Loop(config, m, spe, root_rng, writer, meter, ckpts, stop, inputs.workdir)
+    loop = epoch_steps.Loop(config, m, spe, root_rng, writer, meter, ckpts, stop, inputs.workdir)
     try:
         if step == 0:
             _log_mixed_batch(config, m.mesh, train_x, train_y, root_rng, writer)
@@ -408,7 +304,7 @@ def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: Stop
             batches = pipeline.train_batches(train_x, train_y, config.batch_size, config.seed, epoch,
                                              start=step - epoch * spe,
                                              workers=pipeline.loader_threads(config.data.workers))
-            state, step = run_steps(loop, state, batches, step, epoch, progress)
+            state, step = epoch_steps.run_steps(loop, state, batches, step, epoch, progress)
             meter.train_done(step)
             logits = evaluate(m.eval_fn, state, val_x, val_y, config.eval_batch_size, m.mesh)
             val = classification_metrics(val_y, logits.argmax(-1), inputs.parts["val"].class_names)
@@ -432,7 +328,7 @@ def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: Stop
                 writer.scalars(step, {"train/img_per_s": img_s})
             writer.flush()
             if stop:
-                _save_and_stop(ckpts, step, state, progress, stop, inputs.workdir)
+                epoch_steps.save_and_stop(ckpts, step, state, progress, stop, inputs.workdir)
     finally:
         writer.close()
     return state, progress
@@ -493,35 +389,6 @@ def write(inputs: Inputs, progress: dict, logits: np.ndarray, rule: decision.Rul
     log(f"wrote {workdir}/metrics.json, decision.json, test_predictions.csv, split.json, config.json, "
         "checkpoints/, events")
     return metrics
-
-
-def _flush_metrics(config, pending: list, step: int, spe: int, writer, meter, ckpts) -> float | None:
-    """Pulls step metrics to the host, stops loudly on NaN/Inf, logs means to TensorBoard.
-
-    Args:
-      pending: the metrics of consecutive steps, the last of them `step`.
-
-    Returns:
-      The mean training loss of the pulled steps, or None when there were none.
-    """
-    if not pending:
-        return None
-    host = jax.device_get(pending)
-    bad = next((k for k, m in enumerate(host) if m["nonfinite"]), None)
-    if bad is not None:
-        ckpts.wait()  # the last good checkpoint may still be writing in the background
-        saved = ckpts.latest_step()
-        kept = (f"the last good checkpoint (step {saved}) is kept" if saved is not None
-                else "no checkpoint had been saved yet")
-        raise FloatingPointError(
-            f"non-finite loss or gradient at step {step - len(host) + 1 + bad} (loss={host[bad]['loss']}); the "
-            f"update was skipped and {kept}; lower --config.optim.lr or check the data")
-    means = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
-    means["train/lr"] = steplib.learning_rate(config, spe, step)
-    if (img_s := meter.img_s()) is not None:
-        means["train/img_per_s_running"] = img_s
-    writer.scalars(step, means)
-    return means["train/loss"]
 
 
 def _log_mixed_batch(config, mesh, images, labels, rng, writer) -> None:
