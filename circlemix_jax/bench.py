@@ -296,7 +296,7 @@ def bench_end_to_end(batch: int, res: int, steps: int, mix: str, dtype: str, man
         ckpts = checkpoint.RunCheckpoints(workdir)
         m, state, _ = train.prepare(inputs, ckpts)
         x, y = inputs.images["train"], inputs.parts["train"].labels
-        meter = Progress(1 << 30, 0, batch, config.log_every_steps)
+        meter = Progress(3 + rounds * steps, 0, batch, config.log_every_steps)
         loop = epoch_steps.Loop(config, m, inputs.steps_per_epoch, jax.random.key(config.seed),
                           SummaryWriter(workdir, enabled=False), meter, ckpts, StopRequest(), workdir)
         workers = pipeline.loader_threads(config.data.workers)

@@ -48,7 +48,7 @@ def test_bench_end_to_end_prints_the_loop_against_the_step():
                                  "--rounds", "1", timeout=600, env=FAST_COMPILE))
     assert out["mode"] == "end_to_end" and out["batch"] == 4 and out["res"] == 32
     assert out["loop_img_s"] > 0 and out["step_img_s"] > 0 and out["peak_rss_mib"] > 0
-    assert out["ratio"] == round(out["loop_img_s"] / out["step_img_s"], 4)
+    assert abs(out["ratio"] - out["loop_img_s"] / out["step_img_s"]) < 1e-3
     assert out["prefetch_depth"] >= 2
 
 
