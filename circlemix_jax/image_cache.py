@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import glob
 import hashlib
 import os
@@ -156,15 +157,12 @@ def open_or_build(paths, size: int, workers: int, folder: str = "") -> tuple[np.
     path = os.path.join(folder, name)
     if os.path.exists(path):
         print(f"decoded cache: {len(distinct)} images at {size}px from {path}", flush=True)
-        return np.load(path, mmap_mode="r"), row_of, False
+        return _open(path, (len(distinct), size, size, 3)), row_of, False
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
         store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(distinct), size, size, 3))
-    except OSError as e:
-        raise InputError(f"cannot write the decoded cache in {folder} (config field data.cache_dir): "
-                         f"{e.strerror or e}") from None
-    try:
+        _reserve(tmp)
         pipeline.decode_all(distinct, size, workers, f"decoding into {path}", out=store)
         store.flush()
         with open(tmp, "rb+") as f:
@@ -175,10 +173,43 @@ def open_or_build(paths, size: int, workers: int, folder: str = "") -> tuple[np.
         raise InputError(f"cannot write the decoded cache {path} (config field data.cache_dir): "
                          f"{e.strerror or e}") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
     _remove_stale(folder, name)
-    return np.load(path, mmap_mode="r"), row_of, True
+    return _open(path, (len(distinct), size, size, 3)), row_of, True
+
+
+def _open(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The cache file as a read-only memory map, checked against the shape its name stands for.
+
+    Raises:
+      InputError: the file was cut short or overwritten since it was written.
+    """
+    try:
+        store = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise InputError(f"the decoded cache {path} is damaged ({' '.join(str(e).split())[:80]}); "
+                         "delete it to decode again") from None
+    if store.shape != shape or store.dtype != np.uint8:
+        raise InputError(f"the decoded cache {path} holds {store.dtype} {store.shape}, not uint8 {shape}; "
+                         "delete it to decode again")
+    return store
+
+
+def _reserve(path: str) -> None:
+    """Allocates the whole file now: a write through a memory map to a full disk kills the process (SIGBUS).
+
+    Raises:
+      OSError: the disk has no room (ENOSPC). Filesystems without fallocate are left as they are.
+    """
+    if not hasattr(os, "posix_fallocate"):  # macOS
+        return
+    with open(path, "rb+") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
 
 
 def _remove_stale(folder: str, name: str) -> None:

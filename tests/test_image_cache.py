@@ -103,3 +103,13 @@ def test_bad_cache_fields_are_one_line_errors(tmp_path):
         config.data.cache = "ssd"
     with pytest.raises(InputError, match="data.cache='ssd'"):
         train.check(config, str(tmp_path / "run"))
+
+
+def test_a_damaged_cache_file_is_a_one_line_error(tmp_path):
+    paths = _images(tmp_path)
+    cache = tmp_path / "cache"
+    image_cache.open_or_build(paths, 16, 2, str(cache))
+    (file,) = cache.iterdir()
+    file.write_bytes(file.read_bytes()[:1000])  # cut short behind the cache's back
+    with pytest.raises(InputError, match="damaged.*delete it"):
+        image_cache.open_or_build(paths, 16, 2, str(cache))
