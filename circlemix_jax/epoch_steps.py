@@ -111,7 +111,9 @@ def run_steps(loop: Loop, state, batches, step: int, epoch: int, progress: dict)
             meter.compiled(step)
         pending.append(metrics)
         if meter.due(step) or step % spe == 0:
-            losses = flush(keep=0 if step % spe == 0 else METRICS_LAG)
+            # Only the newest step pending (steps slower than a line a minute): read it, so every line has a loss.
+            lagged = step % spe and len(pending) > METRICS_LAG
+            losses = flush(keep=METRICS_LAG if lagged else 0)
             meter.report(step, epoch, config.num_epochs, losses, lr)
         if multi:
             # The preemption service that jax.distributed.initialize starts catches SIGTERM
