@@ -2,8 +2,9 @@
 
 The host only decodes, resizes and batches; flips, crops and mixing run on the
 device inside the train step. Decoded images live in one (N, S, S, 3) uint8
-array (1.3 GB for the paper's 6,861 images at 256 px), so every epoch after the
-first costs only a gather per batch.
+array (1.3 GB for the paper's 6,861 images at 256 px), or, for a set larger
+than memory, in image_cache's file on disk; either way every epoch costs only a
+gather per batch, and `prefetch` puts batches on the device ahead of their step.
 """
 
 from __future__ import annotations
