@@ -6,6 +6,10 @@ Each mode prints ONE JSON line on stdout (progress goes to stderr):
     python -m circlemix_jax.bench --batch 16 --res 256 --steps 5 --mix circlemix --dtype float32
     # host pipeline: decode_all (the cache fill) and train_batches iteration
     python -m circlemix_jax.bench --pipeline --manifest ../shared/data/glomeruli-bueno/manifest.csv --res 256
+    # the same on the built-in synthetic set of N images, from the decoded cache on disk; peak RssAnon
+    python -m circlemix_jax.bench --pipeline --synthetic 10000 --res 256 --cache disk
+    # the real training loop (pipeline, copy to the device, step) against the step alone
+    python -m circlemix_jax.bench --end-to-end --batch 16 --res 128 --steps 20 --rounds 3
     # project and peer alternated A B A B in fresh processes; medians and ratios
     python -m circlemix_jax.bench --batch 16 --res 128 --steps 5 --peer /tmp/peers/torch/bin/python --rounds 3
 
