@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from circlemix_jax import augment, colour, decision, hierarchy, step
+from circlemix_jax import augment, colour, decision, hierarchy, image_cache, step
 from circlemix_jax.rundir import get_field
 from circlemix_jax.errors import InputError
 from circlemix_jax.models import PADDINGS, layers
@@ -114,6 +114,10 @@ def check_run_config(config, num_devices: int = 1) -> None:
     size = _int(config, "data.image_size", MIN_IMAGE_SIZE, 4096)
     _int(config, "data.synthetic_count", 5 * num_folds)
     _int(config, "data.workers", 1, 256)
+    _choice(config, "data.cache", image_cache.MODES)
+    _real(config, "data.cache_memory_mib", 0.0)
+    if not isinstance(config.data.cache_dir, str):
+        raise _fail("data.cache_dir", config.data.cache_dir, "must be a folder path ('' = the default)")
     _triple(config, "data.mean", -math.inf)
     _triple(config, "data.std", 0.0)
     _choice(config, "data.input_norm", colour.INPUT_NORMS)

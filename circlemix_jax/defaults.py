@@ -82,6 +82,13 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     # stain's strength: 'od_per_image' or 'gray_per_image' (colour.model_input).
     c.data.input_norm = "dataset"
     c.data.workers = 4
+    # Where the decoded images live (image_cache.py): 'memory' (decoded at every start),
+    # 'disk' (decoded once per image size into a memory-mapped file under cache_dir, reused
+    # by later runs, folds and stages; a changed image or manifest gets a new file), or
+    # 'auto': disk when the run's images would take more than cache_memory_mib decoded.
+    c.data.cache = "auto"
+    c.data.cache_memory_mib = 8192
+    c.data.cache_dir = ""  # '' = $CIRCLEMIX_CACHE/decoded (default ~/.cache/circlemix_jax/decoded)
 
     c.augment = ml_collections.ConfigDict()
     c.augment.basic = True  # h/v flips at 50% and a random crop of 0..max_crop px (paper 4.3).

@@ -2,17 +2,19 @@
 
 The host only decodes, resizes and batches; flips, crops and mixing run on the
 device inside the train step. Decoded images live in one (N, S, S, 3) uint8
-array (1.3 GB for the paper's 6,861 images at 256 px), so every epoch after the
-first costs only a gather per batch.
+array (1.3 GB for the paper's 6,861 images at 256 px), or, for a set larger
+than memory, in image_cache's file on disk; either way every epoch costs only a
+gather per batch, and `prefetch` puts batches on the device ahead of their step.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grain
 import numpy as np
@@ -46,16 +48,25 @@ def load_image(path: str, size: int) -> np.ndarray:
         return np.asarray(im, np.uint8)
 
 
-def decode_all(paths, size: int, workers: int = 4, desc: str = "decoding") -> np.ndarray:
+def decode_all(paths, size: int, workers: int = 4, desc: str = "decoding", out: np.ndarray | None = None
+               ) -> np.ndarray:
     """Decodes every image in parallel threads (PIL releases the GIL).
 
+    Args:
+      paths: image files.
+      size: output side in pixels.
+      workers: decoding threads.
+      desc: what the progress lines call the work.
+      out: (N, size, size, 3) uint8 to decode into (a memory map for the disk cache); new if None.
+
     Returns:
-      uint8 array (N, size, size, 3).
+      uint8 array (N, size, size, 3): `out` when given.
 
     Raises:
       InputError: listing every missing or unreadable file, not only the first.
     """
-    out = np.empty((len(paths), size, size, 3), np.uint8)
+    if out is None:
+        out = np.empty((len(paths), size, size, 3), np.uint8)
     bad: list[str] = []
 
     def one(i: int) -> None:
@@ -151,3 +162,34 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
 def default_workers() -> int:
     """Host threads for decoding: all cores, at least 2."""
     return max(2, os.cpu_count() or 2)
+
+
+# Batch gathers are memory copies, so a few threads keep even a fast accelerator fed;
+# more would only add thread switches on the cores XLA is computing on.
+MAX_LOADER_THREADS = 8
+
+
+def loader_threads(configured: int) -> int:
+    """Threads that gather training batches: the configured number, raised to the host's cores (up to 8).
+
+    A config written for a 2-core laptop (data.workers=4) then still feeds a 16-core
+    GPU host, where a cold disk cache needs several reads in flight.
+    """
+    return max(configured, min(os.cpu_count() or 1, MAX_LOADER_THREADS))
+
+
+def prefetch(batches: Iterable, put: Callable, depth: int = 2) -> Iterator:
+    """Yields `put(batch)` for each batch, with `depth` batches put ahead of the one in use.
+
+    With `put` a host-to-device copy, the copies of the next batches are issued
+    while the device still runs the current step, so a step never waits for its
+    input. JAX copies and steps run asynchronously: the order of the calls is the
+    order on the device, and nothing here waits for either.
+    """
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(put(batch))
+        if len(queue) > depth:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

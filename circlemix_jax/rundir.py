@@ -29,10 +29,11 @@ CONFIG = "config.json"
 SPLIT = "split.json"
 METRICS = "metrics.json"
 SPLITS = ("train", "val", "test")
-# Fields that change how a run is executed, not what it computes: a rerun may differ in these.
-# How a run executes, not what it computes: a resume may change them (model.layers
-# picks between implementations of the same function, e.g. resuming a CPU run on a GPU).
-EXECUTION_FIELDS = ("data.workers", "log_every_steps", "checkpoint_every_steps", "eval_batch_size", "model.layers")
+# How a run executes, not what it computes: a rerun or resume may change them (the cache's
+# place; model.layers picks between implementations of the same function, e.g. resuming a
+# CPU run on a GPU).
+EXECUTION_FIELDS = ("data.workers", "data.cache", "data.cache_memory_mib", "data.cache_dir", "log_every_steps",
+                    "checkpoint_every_steps", "eval_batch_size", "model.layers")
 
 
 def absolute(workdir: str) -> str:
@@ -135,9 +136,16 @@ def split_record(records, split) -> dict:
     return out
 
 
-def pixels_sha256(images: np.ndarray) -> str:
-    """Fingerprint of decoded images: a changed image file changes it."""
-    return hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()
+def pixels_sha256(images) -> str:
+    """Fingerprint of decoded images: a changed image file changes it.
+
+    Hashed a few rows at a time, so images on disk (image_cache.ImageRows) are never
+    all in memory at once; the digest is that of the whole contiguous array.
+    """
+    h = hashlib.sha256()
+    for start in range(0, len(images), 256):
+        h.update(np.ascontiguousarray(images[start:start + 256]).data)
+    return h.hexdigest()
 
 
 def describe_change(old: dict, new: dict) -> str | None:

@@ -27,9 +27,11 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from circlemix_jax import augment, checkpoint, config_check, data, decision, hierarchy, masks, pipeline, rundir
+from circlemix_jax import augment, checkpoint, config_check, data, decision, epoch_steps, hierarchy, image_cache, masks
+from circlemix_jax import pipeline, rundir
 from circlemix_jax import step as steplib
 from circlemix_jax.cli import StopRequest, install_stop_handlers
+from circlemix_jax.epoch_steps import Stopped
 from circlemix_jax import defaults
 from circlemix_jax.defaults import method_name
 from circlemix_jax.errors import InputError
@@ -37,20 +39,6 @@ from circlemix_jax.metrics import classification_metrics
 from circlemix_jax.progress import Progress, log
 from circlemix_jax import summary
 from circlemix_jax.summary import SummaryWriter
-
-
-class Stopped(Exception):
-    """A stop signal (SIGTERM, SIGINT) ended the run after saving what there was to save.
-
-    Attributes:
-      signum: the signal.
-      step: the step saved in `latest`, or None when training had not started.
-      workdir: the run folder.
-    """
-
-    def __init__(self, signum: int, step: int | None, workdir: str):
-        super().__init__(signum, step, workdir)
-        self.signum, self.step, self.workdir = signum, step, workdir
 
 
 @dataclasses.dataclass
@@ -64,7 +52,7 @@ class Inputs:
     split: data.Split
     parts: dict  # {'train', 'val', 'test'}: the stage's images, relabelled to local ids
     test_records: data.Records  # every image of the test fold (children need them all to merge)
-    images: dict  # {'train', 'val', 'test'}: decoded uint8 (N, S, S, 3)
+    images: dict  # {'train', 'val', 'test'}: decoded uint8 (N, S, S, 3), in memory or image_cache.ImageRows
     split_record: dict  # what split.json holds
 
     @property
@@ -120,21 +108,41 @@ def check(config, workdir: str) -> Inputs | dict:
         raise InputError(f"config field batch_size={config.batch_size} exceeds the {len(parts['train'])} "
                          "training images")
     test_records = records.take(split.test)
-    size, workers = config.data.image_size, config.data.workers
-    # One decode of every split, so that one error lists every unreadable image of all three.
+    workers = config.data.workers
     named = (("train", parts["train"]), ("val", parts["val"]), ("test", test_records))
-    decoded = pipeline.decode_all(np.concatenate([recs.paths for _, recs in named]), size, workers,
-                                  "decoding train, val and test")
-    ends = np.cumsum([len(recs) for _, recs in named])
-    images = {name: x for (name, _), x in zip(named, np.split(decoded, ends[:-1]))}
+    images = decoded_images(config, records, named)
     if config.mix.lam_mode == "mask":  # glomerulus masks ride along as a 4th channel (see masks.py)
         images["train"] = masks.with_mask_channel(
-            images["train"], masks.mask_paths(data.manifest_path(config), parts["train"].paths), workers)
+            np.asarray(images["train"]), masks.mask_paths(data.manifest_path(config), parts["train"].paths), workers)
     fingerprints = {name: rundir.pixels_sha256(x) for name, x in images.items()}
     rundir.check_pixels(workdir, fingerprints)
     for name, fp in fingerprints.items():
         record[name]["pixels_sha256"] = fp
     return Inputs(config, workdir, config_json, records, split, parts, test_records, images, record)
+
+
+def decoded_images(config, records: data.Records, named) -> dict:
+    """The decoded images of each named split: in memory, or rows of the on-disk cache (`data.cache`).
+
+    Either way one decode covers every split, so one error lists every unreadable image of all of them.
+
+    Args:
+      config: the run's config (`data.image_size`, `data.workers`, `data.cache*`).
+      records: every image of the manifest; the disk cache holds them all, so folds and stages share it.
+      named: ((split name, its records), ...).
+
+    Returns:
+      {split name: uint8 (N, S, S, 3) array or image_cache.ImageRows}.
+    """
+    size, workers = config.data.image_size, config.data.workers
+    count = sum(len(recs) for _, recs in named)
+    if image_cache.choose(config.data.cache, count, size, config.data.cache_memory_mib) == "disk":
+        store, row_of, _ = image_cache.open_or_build(records.paths, size, workers, config.data.cache_dir)
+        return {name: image_cache.ImageRows(store, [row_of[str(p)] for p in recs.paths]) for name, recs in named}
+    decoded = pipeline.decode_all(np.concatenate([recs.paths for _, recs in named]), size, workers,
+                                  "decoding train, val and test")
+    ends = np.cumsum([len(recs) for _, recs in named])
+    return {name: x for (name, _), x in zip(named, np.split(decoded, ends[:-1]))}
 
 
 @dataclasses.dataclass
@@ -267,12 +275,6 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
         return write(inputs, progress, logits, rule)
 
 
-def _save_and_stop(ckpts, step: int, state, progress, stop: StopRequest, workdir: str):
-    ckpts.save(checkpoint.LATEST, step, state, progress)
-    ckpts.wait()  # `state` was donated to the step: the save must finish before the process ends
-    raise Stopped(stop.signum, step, workdir)
-
-
 def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: StopRequest):
     """Runs the remaining epochs; each ends with a validation pass and the `latest`/`best` checkpoints.
 
@@ -287,48 +289,22 @@ def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: Stop
     writer = SummaryWriter(inputs.workdir, enabled=jax.process_index() == 0)
     writer.run_start(config)
     root_rng = jax.random.key(config.seed)
-    multi = jax.process_count() > 1
     per_device = config.batch_size // jax.device_count()
     if config.mix.method != "none" and augment.mixing_is_noop(per_device):
         log(f"WARNING: {per_device} example per device: {config.mix.method} pairs within a device, "
             "so nothing is mixed")
     step = int(state.step)
     meter = Progress(total, start_step=step, batch_size=config.batch_size, log_every=config.log_every_steps)
+    loop = epoch_steps.Loop(config, m, spe, root_rng, writer, meter, ckpts, stop, inputs.workdir)
     try:
         if step == 0:
             _log_mixed_batch(config, m.mesh, train_x, train_y, root_rng, writer)
         for epoch in range(progress["epochs_done"], config.num_epochs):
-            pending = []
             meter.start_epoch(step)
             batches = pipeline.train_batches(train_x, train_y, config.batch_size, config.seed, epoch,
-                                             start=step - epoch * spe, workers=config.data.workers)
-            for batch in batches:
-                lr = np.float32(steplib.learning_rate(config, spe, step))  # a host value: no sync with the device
-                if not meter.is_compiled:
-                    meter.compiling()
-                state, metrics = m.train_fn(state, steplib.shard_batch(batch, m.mesh), root_rng, lr)
-                step += 1
-                if not meter.is_compiled:
-                    jax.block_until_ready(metrics)  # once per process, to time the compile apart
-                    meter.compiled(step)
-                pending.append(metrics)
-                if meter.due(step) or step % spe == 0:
-                    losses = _flush_metrics(config, pending, step, spe, writer, meter, ckpts)
-                    pending = []
-                    meter.report(step, epoch, config.num_epochs, losses, lr)
-                if multi:
-                    # The preemption service that jax.distributed.initialize starts catches SIGTERM
-                    # in every process and agrees on one step at which all of them stop.
-                    if multihost_utils.reached_preemption_sync_point(step):
-                        stop.signum = stop.signum or signal.SIGTERM
-                if stop or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-                            and step % spe):
-                    _flush_metrics(config, pending, step, spe, writer, meter, ckpts)
-                    pending = []
-                    if stop:
-                        _save_and_stop(ckpts, step, state, progress, stop, inputs.workdir)
-                    ckpts.save(checkpoint.LATEST, step, state, progress)
-            _flush_metrics(config, pending, step, spe, writer, meter, ckpts)
+                                             start=step - epoch * spe,
+                                             workers=pipeline.loader_threads(config.data.workers))
+            state, step = epoch_steps.run_steps(loop, state, batches, step, epoch, progress)
             meter.train_done(step)
             logits = evaluate(m.eval_fn, state, val_x, val_y, config.eval_batch_size, m.mesh)
             val = classification_metrics(val_y, logits.argmax(-1), inputs.parts["val"].class_names)
@@ -352,7 +328,7 @@ def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: Stop
                 writer.scalars(step, {"train/img_per_s": img_s})
             writer.flush()
             if stop:
-                _save_and_stop(ckpts, step, state, progress, stop, inputs.workdir)
+                epoch_steps.save_and_stop(ckpts, step, state, progress, stop, inputs.workdir)
     finally:
         writer.close()
     return state, progress
@@ -413,32 +389,6 @@ def write(inputs: Inputs, progress: dict, logits: np.ndarray, rule: decision.Rul
     log(f"wrote {workdir}/metrics.json, decision.json, test_predictions.csv, split.json, config.json, "
         "checkpoints/, events")
     return metrics
-
-
-def _flush_metrics(config, pending: list, step: int, spe: int, writer, meter, ckpts) -> float | None:
-    """Pulls step metrics to the host, stops loudly on NaN/Inf, logs means to TensorBoard.
-
-    Returns:
-      The mean training loss of the pulled steps, or None when there were none.
-    """
-    if not pending:
-        return None
-    host = jax.device_get(pending)
-    bad = next((k for k, m in enumerate(host) if m["nonfinite"]), None)
-    if bad is not None:
-        ckpts.wait()  # the last good checkpoint may still be writing in the background
-        saved = ckpts.latest_step()
-        kept = (f"the last good checkpoint (step {saved}) is kept" if saved is not None
-                else "no checkpoint had been saved yet")
-        raise FloatingPointError(
-            f"non-finite loss or gradient at step {step - len(host) + 1 + bad} (loss={host[bad]['loss']}); the "
-            f"update was skipped and {kept}; lower --config.optim.lr or check the data")
-    means = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
-    means["train/lr"] = steplib.learning_rate(config, spe, step)
-    if (img_s := meter.img_s()) is not None:
-        means["train/img_per_s_running"] = img_s
-    writer.scalars(step, means)
-    return means["train/loss"]
 
 
 def _log_mixed_batch(config, mesh, images, labels, rng, writer) -> None:

@@ -41,3 +41,23 @@ def test_bench_pipeline_prints_json(synthetic_manifest):
 def test_bench_pipeline_needs_a_manifest():
     proc = run_cli("circlemix_jax.bench", "--pipeline", timeout=60)
     assert proc.returncode != 0 and "--manifest" in proc.stderr
+
+
+def test_bench_end_to_end_prints_the_loop_against_the_step():
+    out = _one_json_line(run_cli("circlemix_jax.bench", "--end-to-end", "--res", "32", "--batch", "4", "--steps", "2",
+                                 "--rounds", "1", timeout=600, env=FAST_COMPILE))
+    assert out["mode"] == "end_to_end" and out["batch"] == 4 and out["res"] == 32
+    assert out["loop_img_s"] > 0 and out["step_img_s"] > 0 and out["peak_rss_mib"] > 0
+    assert abs(out["ratio"] - out["loop_img_s"] / out["step_img_s"]) < 1e-3
+    assert out["prefetch_depth"] >= 2
+
+
+def test_bench_pipeline_from_the_disk_cache(tmp_path):
+    def bench():
+        return _one_json_line(run_cli("circlemix_jax.bench", "--pipeline", "--synthetic", "40", "--res", "32",
+                                      "--batch", "8", "--cache", "disk", "--cache-dir", str(tmp_path), timeout=300))
+
+    first, second = bench(), bench()
+    assert first["cache"] == "disk" and first["cache_built"] and not second["cache_built"]
+    assert first["iterated"] == second["iterated"] == first["images"] // 8 * 8  # one epoch of full batches
+    assert second["peak_anon_mib"] > 0 and second["batches_img_s"] > 0

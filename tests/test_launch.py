@@ -86,11 +86,19 @@ def test_tensorboard():
 
 def test_gpu_bench_alternates_with_the_gpu_peer_and_the_peer_script_parses():
     cmds = _dry_run("gpu_bench.sh")
-    assert [c[c.index("--res") + 1] for c in cmds] == ["128", "256", "256"]
+    versus = [c for c in cmds if "--peer" in c]
+    loops = [c for c in cmds if "--end-to-end" in c]
+    assert len(versus) + len(loops) == len(cmds) and len(loops) == 2
+    assert [c[c.index("--res") + 1] for c in versus] == ["128", "256", "256", "256", "256"]
+    assert [c[-1] for c in versus[3:]] == ["--peer-arg=default", "--peer-arg=max-autotune"]
     for cmd in cmds:
         assert cmd[:3] == ["python3", "-m", "circlemix_jax.bench"]
-        assert cmd[cmd.index("--peer-script") + 1] == "launch/torch_peer_gpu.py"
         assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
+    for cmd in versus:
+        assert cmd[cmd.index("--peer-script") + 1] == "launch/torch_peer_gpu.py"
+        assert float(cmd[cmd.index("--peak-tflops") + 1]) > 0 and float(cmd[cmd.index("--peak-gb-s") + 1]) > 0
+    cpu = _dry_run("gpu_bench.sh", "--cpu-check")
+    assert len(cpu) == 2 and "--end-to-end" in cpu[1] and not any("--peer" in c or "bfloat16" in c for c in cpu)
     peer = os.path.join(LAUNCH, "torch_peer_gpu.py")
     with open(peer) as f:
         compile(f.read(), peer, "exec")  # torch may be absent here; a syntax error must still fail

@@ -58,3 +58,24 @@ def test_decode_lists_every_bad_file(tmp_path):
     msg = str(e.value)
     assert "3 image(s)" in msg and "trunc.png" in msg and "gone.png (missing)" in msg and "text.png" in msg
     assert "ok.png" not in msg
+
+
+def test_prefetch_puts_ahead_in_order():
+    put, seen = [], []
+
+    def record(b):
+        put.append(b)
+        return b * 10
+
+    for out in pipeline.prefetch(range(5), record, depth=2):
+        seen.append((out, len(put)))
+    # Each batch is used while the next two are already put; at the end nothing is left behind.
+    assert seen == [(0, 3), (10, 4), (20, 5), (30, 5), (40, 5)]
+
+
+def test_loader_threads_rise_to_the_cores(monkeypatch):
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 16)
+    assert pipeline.loader_threads(4) == pipeline.MAX_LOADER_THREADS
+    assert pipeline.loader_threads(12) == 12
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
+    assert pipeline.loader_threads(4) == 4
