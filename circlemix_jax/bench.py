@@ -234,7 +234,8 @@ def bench_pipeline(manifest: str, res: int, batch: int, workers: int, max_images
     With `cache` 'disk' the images come from image_cache's memory-mapped file (built on
     first use, reused after: `cache_built` says which); 'auto' picks as training does.
     """
-    from circlemix_jax import data, defaults, image_cache, pipeline
+    from circlemix_jax import data, defaults
+    from circlemix_jax.data import image_cache, pipeline
     from circlemix_jax.errors import InputError
 
     try:
@@ -284,9 +285,9 @@ def bench_end_to_end(batch: int, res: int, steps: int, mix: str, dtype: str, man
     import jax
     import numpy as np
 
-    from circlemix_jax import checkpoint, epoch_steps, pipeline, train
-    from circlemix_jax import step as steplib
+    from circlemix_jax import checkpoint, epoch_steps, step as steplib, train
     from circlemix_jax.cli import StopRequest, configure_compilation_cache
+    from circlemix_jax.data import pipeline
     from circlemix_jax.progress import Progress
     from circlemix_jax.summary import SummaryWriter
 
@@ -435,7 +436,7 @@ def main(argv=None) -> None:
     elif args.pipeline:
         if not args.manifest and not args.synthetic:
             raise SystemExit("--pipeline needs --manifest PATH or --synthetic N")
-        from circlemix_jax import pipeline, synthetic
+        from circlemix_jax.data import pipeline, synthetic
 
         manifest = args.manifest
         if args.synthetic:

@@ -72,7 +72,7 @@ def configure_compilation_cache() -> None:
     """
     import jax  # keeps `--help` and flag errors fast
 
-    from circlemix_jax.data.synthetic import cache_root
+    from circlemix_jax.defaults import cache_root
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import numbers
 
-from circlemix_jax import augment, colour, decision, hierarchy, image_cache, step
-from circlemix_jax.rundir import get_field
+from circlemix_jax import augment, colour, decision, hierarchy, step
+from circlemix_jax.data import image_cache
 from circlemix_jax.errors import InputError
 from circlemix_jax.models import PADDINGS, layers
+from circlemix_jax.rundir import get_field
 
 DTYPES = ("float32", "bfloat16")
 # B0 halves the resolution five times; below 32 px the last stage sees less than one pixel.

@@ -16,8 +16,7 @@ import sys
 from circlemix_jax.errors import exits_cleanly
 from circlemix_jax.weights import sources as ws
 from circlemix_jax.weights.conversion import convert, map_tensors
-from circlemix_jax.weights.folder import (META_FILE, init_backbone, load, load_backbone, override_config,
-                                          read_meta)
+from circlemix_jax.weights.folder import META_FILE, init_backbone, load, load_backbone, override_config, read_meta
 
 __all__ = ["META_FILE", "convert", "init_backbone", "load", "load_backbone", "map_tensors", "override_config",
            "read_meta"]

@@ -6,6 +6,8 @@ so the experiments driver can build the same configs programmatically.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 FIVE_CLASSES = ("normal", "periglomerular_fibrosis", "obsolescent", "solidified", "disappearing")
@@ -204,6 +206,12 @@ def scratch(c: ml_collections.ConfigDict) -> None:
     # centre cannot stand in for the label. Jitter alone did not remove that shortcut
     # (docs/RESULTS.md, leave one centre out).
     c.data.input_norm = "od_per_image"
+
+
+def cache_root() -> str:
+    """Where this machine keeps what can be rebuilt (the synthetic set, decoded images, compiled
+    programs): $CIRCLEMIX_CACHE, else ~/.cache/circlemix_jax."""
+    return os.environ.get("CIRCLEMIX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "circlemix_jax"))
 
 
 def method_name(config: ml_collections.ConfigDict) -> str:

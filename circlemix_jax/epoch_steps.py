@@ -15,9 +15,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from circlemix_jax import checkpoint, pipeline
-from circlemix_jax import step as steplib
+from circlemix_jax import checkpoint, step as steplib
 from circlemix_jax.cli import StopRequest
+from circlemix_jax.data import pipeline
 from circlemix_jax.progress import Progress
 from circlemix_jax.summary import SummaryWriter
 

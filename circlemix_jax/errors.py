@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import TypeVar
 from collections.abc import Callable
+from typing import TypeVar
 
 F = TypeVar("F", bound=Callable)
 

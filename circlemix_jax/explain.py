@@ -238,7 +238,7 @@ def explain(workdir: str, manifest: str | None, images_dir: str | None, out: str
     Raises:
       InputError: bad inputs (one line each).
     """
-    from circlemix_jax import pipeline
+    from circlemix_jax.data import pipeline
 
     if max_images < 1:
         raise InputError(f"--max-images must be at least 1, got {max_images}")

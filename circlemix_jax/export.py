@@ -105,7 +105,7 @@ def exported(workdir: str, platforms=DEFAULT_PLATFORMS):
         "output": {"dtype": "float32", "shape": ["batch", len(run.class_names)], "meaning": "softmax probabilities"},
         "preprocessing": {
             "caller": "decode to RGB (alpha composited on white) and resize to image_size x image_size with "
-                      "PIL bilinear, as circlemix_jax.pipeline.load_image",
+                      "PIL bilinear, as circlemix_jax.data.pipeline.load_image",
             "inside": "x / 255, then circlemix_jax.colour.model_input: (x - mean) / std per channel when "
                       "input_norm is 'dataset', else a per-image standardisation",
             "input_norm": config.data.get("input_norm", "dataset"),

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from circlemix_jax import pipeline
+from circlemix_jax.data import pipeline
 from circlemix_jax.errors import InputError
 
 COLUMN = "mask"

@@ -86,7 +86,8 @@ def predict_logits(workdir: str, paths: list[str], decoded: dict, workers: int =
     """
     import jax
 
-    from circlemix_jax import pipeline, step as steplib, train
+    from circlemix_jax import step as steplib
+    from circlemix_jax.data import pipeline
 
     config = hierarchy.load_run_config(workdir)
     state = hierarchy.restore_best(os.path.abspath(workdir), config)
@@ -98,7 +99,7 @@ def predict_logits(workdir: str, paths: list[str], decoded: dict, workers: int =
         decoded[size] = pipeline.decode_all(paths, size, workers, f"decoding at {size}px")
     images = decoded[size]
     batch = config.eval_batch_size - config.eval_batch_size % jax.device_count() or jax.device_count()
-    logits = train.evaluate(eval_fn, state, images, np.zeros(len(paths), np.int32), batch, mesh)
+    logits = steplib.evaluate(eval_fn, state, images, np.zeros(len(paths), np.int32), batch, mesh)
     return config, np.asarray(logits, np.float64)
 
 

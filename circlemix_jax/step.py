@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,11 @@ import numpy as np
 import optax
 from flax import struct
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from circlemix_jax import augment, colour, models
+from circlemix_jax.data import pipeline
 from circlemix_jax.errors import InputError
 from circlemix_jax.models import EfficientNetB0
 
@@ -434,3 +436,15 @@ def replicate(tree, mesh: Mesh):
     """
     sharding = NamedSharding(mesh, P())
     return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def evaluate(eval_fn, state, images: np.ndarray, labels: np.ndarray, batch_size: int, mesh) -> np.ndarray:
+    """Logits for every example exactly once (padding masked out), gathered on the host."""
+    outs = []
+    for batch in pipeline.eval_batches(images, labels, batch_size):
+        mask = batch.pop("mask")
+        logits = eval_fn(state, shard_batch({"image": batch["image"]}, mesh)["image"])
+        logits, mask = multihost_utils.process_allgather((logits, shard_batch({"m": mask}, mesh)["m"]),
+                                                         tiled=True)
+        outs.append(np.asarray(logits)[np.asarray(mask)])
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)

@@ -27,17 +27,28 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from circlemix_jax import augment, checkpoint, config_check, data, decision, epoch_steps, hierarchy, image_cache, masks
-from circlemix_jax import pipeline, rundir
-from circlemix_jax import step as steplib
+from circlemix_jax import (
+    augment,
+    checkpoint,
+    config_check,
+    data,
+    decision,
+    defaults,
+    epoch_steps,
+    hierarchy,
+    masks,
+    rundir,
+    step as steplib,
+    summary,
+)
 from circlemix_jax.cli import StopRequest, install_stop_handlers
-from circlemix_jax.epoch_steps import Stopped
-from circlemix_jax import defaults
+from circlemix_jax.data import image_cache, pipeline
 from circlemix_jax.defaults import method_name
+from circlemix_jax.epoch_steps import Stopped
 from circlemix_jax.errors import InputError
 from circlemix_jax.metrics import classification_metrics
+from circlemix_jax.models import layers
 from circlemix_jax.progress import Progress, log
-from circlemix_jax import summary
 from circlemix_jax.summary import SummaryWriter
 
 
@@ -198,18 +209,6 @@ def prepare(inputs: Inputs, ckpts: checkpoint.RunCheckpoints) -> tuple[Machinery
     return machinery, state, progress
 
 
-def evaluate(eval_fn, state, images: np.ndarray, labels: np.ndarray, batch_size: int, mesh) -> np.ndarray:
-    """Logits for every example exactly once (padding masked out), gathered on the host."""
-    outs = []
-    for batch in pipeline.eval_batches(images, labels, batch_size):
-        mask = batch.pop("mask")
-        logits = eval_fn(state, steplib.shard_batch({"image": batch["image"]}, mesh)["image"])
-        logits, mask = multihost_utils.process_allgather((logits, steplib.shard_batch({"m": mask}, mesh)["m"]),
-                                                         tiled=True)
-        outs.append(np.asarray(logits)[np.asarray(mask)])
-    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
-
-
 def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None) -> dict:
     """Trains one stage on one fold, or resumes it; returns the test metrics.
 
@@ -247,7 +246,8 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
         raise Stopped(stop.signum, None, workdir)
     log(f"stage {config.stage} ({', '.join(inputs.parts['train'].class_names)}), method {method_name(config)}, "
         f"fold {config.fold}: train {len(inputs.parts['train'])}, val {len(inputs.parts['val'])}, "
-        f"test {len(inputs.test_records)} images; {jax.device_count()} {jax.devices()[0].platform} device(s)")
+        f"test {len(inputs.test_records)} images; {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{layers.resolve(config.model.layers)} layers (model.layers={config.model.layers})")
     log(f"workdir {workdir}  (watch it: tensorboard --logdir {workdir})")
     try:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -306,7 +306,7 @@ def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: Stop
                                              workers=pipeline.loader_threads(config.data.workers))
             state, step = epoch_steps.run_steps(loop, state, batches, step, epoch, progress)
             meter.train_done(step)
-            logits = evaluate(m.eval_fn, state, val_x, val_y, config.eval_batch_size, m.mesh)
+            logits = steplib.evaluate(m.eval_fn, state, val_x, val_y, config.eval_batch_size, m.mesh)
             val = classification_metrics(val_y, logits.argmax(-1), inputs.parts["val"].class_names)
             writer.evaluation(step, "val", val, loss=summary.cross_entropy(logits, val_y))
             improved = (val["balanced_accuracy"] > progress["best_val_balanced_accuracy"]
@@ -336,8 +336,8 @@ def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: Stop
 
 def test(inputs: Inputs, m: Machinery, best) -> np.ndarray:
     """Logits of the best checkpoint on every image of the test fold."""
-    return evaluate(m.eval_fn, best, inputs.images["test"], inputs.test_records.labels, inputs.config.eval_batch_size,
-                    m.mesh)
+    return steplib.evaluate(m.eval_fn, best, inputs.images["test"], inputs.test_records.labels,
+                            inputs.config.eval_batch_size, m.mesh)
 
 
 def fit_decision(inputs: Inputs, m: Machinery, best) -> decision.Rule:
@@ -346,7 +346,7 @@ def fit_decision(inputs: Inputs, m: Machinery, best) -> decision.Rule:
     if config.eval.decision == "argmax":  # nothing to fit: skip the extra validation pass
         return decision.Rule("argmax", (0.0,) * len(config.classes))
     val_y = inputs.parts["val"].labels
-    val_logits = evaluate(m.eval_fn, best, inputs.images["val"], val_y, config.eval_batch_size, m.mesh)
+    val_logits = steplib.evaluate(m.eval_fn, best, inputs.images["val"], val_y, config.eval_batch_size, m.mesh)
     return decision.fit(config.eval.decision, val_logits, val_y, inputs.parts["train"].labels, len(config.classes))
 
 

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from circlemix_jax import augment, cli, colour, data, pipeline, step
+from circlemix_jax import augment, cli, colour, data, step
+from circlemix_jax.data import pipeline
 from circlemix_jax.errors import InputError
 
 _DRAWS = 3  # draws of each augmentation per image in --mode=augment

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 
 from circlemix_jax import convert, defaults
-from circlemix_jax.weights import sources as ws
 from circlemix_jax.models import EfficientNetB0
+from circlemix_jax.weights import sources as ws
 
 # Keras-on-JAX converts its variables with np.array(x), which numpy 2 flags, once per weight.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

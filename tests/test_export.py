@@ -11,7 +11,8 @@ from conftest import run_cli
 from fake_run import make_run, write_images
 
 import circlemix_jax
-from circlemix_jax import export, pipeline, predict
+from circlemix_jax import export, predict
+from circlemix_jax.data import pipeline
 
 
 @pytest.fixture(scope="module")

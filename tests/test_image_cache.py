@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from circlemix_jax import defaults, image_cache, pipeline, rundir, train
+from circlemix_jax import defaults, rundir, train
+from circlemix_jax.data import image_cache, pipeline
 from circlemix_jax.errors import InputError
 
 

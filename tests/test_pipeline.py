@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from circlemix_jax import pipeline
+from circlemix_jax.data import pipeline
 from circlemix_jax.errors import InputError
 
 

@@ -25,6 +25,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from circlemix_jax import defaults
 from circlemix_jax.defaults import FIVE_CLASSES
 
 PAPER_COUNTS = (2757, 2206, 1525, 135, 238)
@@ -118,17 +119,12 @@ def generate(folder: str, total: int, seed: int = 0) -> str:
     return os.path.join(folder, "manifest.csv")
 
 
-def cache_root() -> str:
-    """Where generated data lives: $CIRCLEMIX_CACHE, else ~/.cache/circlemix_jax."""
-    return os.environ.get("CIRCLEMIX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "circlemix_jax"))
-
-
 def ensure(total: int, seed: int = 0) -> str:
     """Returns the manifest of the synthetic set, generating it on first use."""
-    folder = os.path.join(cache_root(), f"synthetic-v{VERSION}-n{total}-s{seed}")
+    folder = os.path.join(defaults.cache_root(), f"synthetic-v{VERSION}-n{total}-s{seed}")
     manifest = os.path.join(folder, "manifest.csv")
     if not os.path.exists(manifest):
-        os.makedirs(cache_root(), exist_ok=True)
+        os.makedirs(defaults.cache_root(), exist_ok=True)
         print(f"Generating the built-in SYNTHETIC glomerulus set ({total} images) in {folder}", flush=True)
         generate(folder, total, seed)
     return manifest

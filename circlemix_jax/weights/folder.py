@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import flax.traverse_util as traverse
 import jax

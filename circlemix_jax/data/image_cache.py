@@ -21,12 +21,12 @@ import errno
 import glob
 import hashlib
 import os
-
 import time
 
 import numpy as np
 
-from circlemix_jax import pipeline
+from circlemix_jax import defaults
+from circlemix_jax.data import pipeline
 from circlemix_jax.errors import InputError
 
 MODES = ("auto", "memory", "disk")
@@ -93,16 +93,15 @@ class ImageRows:
                                  "delete it to decode again")
         return out
 
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # noqa: ARG002 - numpy's protocol signature
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # numpy's protocol signature
         out = self[:]
         return out if dtype is None else out.astype(dtype)
 
 
 def default_dir() -> str:
     """`<cache root>/decoded`: beside the synthetic set and the compile cache ($CIRCLEMIX_CACHE)."""
-    from circlemix_jax import synthetic  # noqa: PLC0415 - synthetic imports PIL drawing code
 
-    return os.path.join(synthetic.cache_root(), "decoded")
+    return os.path.join(defaults.cache_root(), "decoded")
 
 
 def choose(mode: str, num_images: int, size: int, budget_mib: float) -> str:
