@@ -189,10 +189,13 @@ def test_mini_protocol_trains_writes_and_resumes(mini):
     assert {r["setting"] for r in rows} == {"C5", "C5+NC2"}
     assert os.path.exists(os.path.join(workdir, "results.md"))
     assert os.path.exists(os.path.join(workdir, "confusion_c5.png"))
-    t = time.time()
+    assert "epoch 1/" in stdout  # the first run trained (and says so where the rerun is read)
     again = run_cli(*SMOKE, *MINI, f"--workdir={workdir}")
     assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 2
-    assert time.time() - t < seconds / 2
+    # Skipped means not trained again: no compile, no epoch (checked by what it did, not how long
+    # it took, which depends on the machine's load).
+    assert "compiling the train step" not in again.stdout + again.stderr
+    assert "epoch 1/" not in again.stdout + again.stderr
 
 
 @pytest.mark.skipif(not os.environ.get("CIRCLEMIX_FULL_SMOKE"), reason="the full paper.py:smoke takes ~10-20 min "
