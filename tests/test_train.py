@@ -53,12 +53,14 @@ def test_tensorboard_has_training_scalars(finished_run):
     assert "train/mixed_batch" in acc.Tags()["images"]
 
 
-def test_finished_run_reruns_fast(finished_run):
-    workdir, first_time, _ = finished_run
-    t = time.time()
+def test_finished_run_is_not_trained_again(finished_run):
+    workdir, _, first = finished_run
+    assert "epoch 1/" in first.stdout + first.stderr
     result = run_cli(*CMD, f"--workdir={workdir}")
     assert result.returncode == 0 and "already finished" in result.stdout
-    assert time.time() - t < first_time / 2
+    # What it did, not how long it took (which depends on the machine's load).
+    assert "compiling the train step" not in result.stdout + result.stderr
+    assert "epoch 1/" not in result.stdout + result.stderr
 
 
 def test_exact_resume_after_sigkill(finished_run, tmp_path):
