@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 
 from circlemix_jax import defaults
 from circlemix_jax.weights import sources as ws
-from circlemix_jax.weights.folder import FORMAT, META_FILE, VARIABLES_DIR, Log, _print, flax_shapes
+from circlemix_jax.weights.folder import FORMAT, META_FILE, VARIABLES_DIR, Log, flax_shapes, print_line
 from circlemix_jax.weights.sources import ConversionError
 
 
@@ -134,7 +134,7 @@ def _read(source: str, path: str, arch: str | None, log: Log) -> tuple[dict, dic
 
 
 def convert(source: str, input_path: str, output_dir: str, arch: str | None = None, force: bool = False,
-            log: Log = _print) -> dict:
+            log: Log = print_line) -> dict:
     """Converts one checkpoint into `output_dir`; returns the metadata written.
 
     Raises:

@@ -29,7 +29,8 @@ FORMAT = "circlemix_jax.convert/1"
 Log = Callable[[str], None]
 
 
-def _print(msg: str) -> None:
+def print_line(msg: str) -> None:
+    """The default `Log` of conversion and loading: one flushed line on stdout."""
     print(msg, flush=True)
 
 
@@ -104,7 +105,7 @@ def load_backbone(directory: str) -> tuple[dict, dict]:
     return meta, variables
 
 
-def init_backbone(directory: str, variables: Any, log: Log = _print) -> dict:
+def init_backbone(directory: str, variables: Any, log: Log = print_line) -> dict:
     """`variables` of a freshly initialised model with everything but the classifier from `directory`.
 
     Args:
@@ -130,7 +131,7 @@ def init_backbone(directory: str, variables: Any, log: Log = _print) -> dict:
     return traverse.unflatten_dict(merged)
 
 
-def override_config(config, log: Log = _print) -> dict | None:
+def override_config(config, log: Log = print_line) -> dict | None:
     """Makes `config` match `config.model.init_from`'s weights: padding, bn_eps, data mean/std.
 
     Call before building the model and input pipeline. Each change is logged.
