@@ -108,8 +108,7 @@ def check(config, workdir: str) -> Inputs | dict:
         log(f"{workdir} is already finished; test balanced_accuracy={finished.get('balanced_accuracy', 0):.4f} "
             f"balanced_f1={finished.get('balanced_f1', 0):.4f} (delete metrics.json to re-evaluate)")
         return finished
-    if jax.process_index() == 0:  # the job's lock holder (see `_run`)
-        rundir.check_unlocked(workdir)
+    rundir.check_unlocked(workdir)
 
     records, split, parts = load_fold(config)
     record = rundir.split_record(records, split)
@@ -254,10 +253,7 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot write to workdir {workdir}: {e.strerror or e}") from None
-    # One lock per job, held by process 0: the processes of a multi-process job share the
-    # workdir, and each taking the lock would refuse the others as a second run.
-    lock = rundir.locked(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock:
+    with rundir.locked(workdir):
         checkpoint.remove_temporaries(os.path.join(workdir, "checkpoints"))
         ckpts = checkpoint.RunCheckpoints(workdir)
         try:
