@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -74,6 +76,27 @@ def compiled_cost(compiled) -> dict:
         cost = cost[0] if cost else {}
     cost = cost or {}
     return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+
+
+def program_fingerprint(compiled) -> str:
+    """A hash of a compiled program's optimised HLO, blind to names and source locations.
+
+    Two versions of the code with equal fingerprints compile to the same program,
+    op for op, so they run at the same speed, whatever a noisy timing on a shared
+    machine says: a refactor that keeps the fingerprint changed no computation.
+
+    Returns:
+      The first 16 hex digits of the SHA-256 of the normalised HLO text.
+    """
+    text = re.sub(r", metadata=\{[^}]*\}", "", compiled.as_text())
+    text = re.sub(r",? ?stack_frame_id=\d+", "", text)
+    # The tables of file names, functions and stack frames: numbered rows.
+    text = "\n".join(line for line in text.splitlines() if not re.match(r"\d+ ", line))
+    text = re.sub(r"^HloModule \S+", "HloModule", text, flags=re.M)
+    # Instruction, computation and parameter names follow the Python names.
+    text = re.sub(r"%[\w.-]+", "%", text)
+    text = re.sub(r"([(,] ?)[\w.-]+: ", r"\1", text)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def roofline(cost: dict, seconds_per_call: float, peak_tflop_s: float, peak_gb_s: float) -> dict:
@@ -194,6 +217,7 @@ def bench_model(batch: int, res: int, steps: int, mix: str, dtype: str, peak_tfl
         "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
         "train_cost": roofline(compiled_cost(train), train_s / steps, peak_tflop_s, peak_gb_s),
         "eval_cost": roofline(compiled_cost(evaluate), eval_s / steps, peak_tflop_s, peak_gb_s),
+        "train_program": program_fingerprint(train), "eval_program": program_fingerprint(evaluate),
     }
 
 

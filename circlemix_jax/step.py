@@ -352,8 +352,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, lr: jax.Array, *,
     return new_state, metrics
 
 
-# Each piece adds a copy of the network to compile. On a 16-core CPU, 4 pieces gave
-# 452 img/s for a 5.2 s compile, 8 gave 466 img/s for 10.7 s (1 piece: 325, 1.7 s).
+# Each piece adds a copy of the network to compile; past 4 the eval speed-up levels off
+# while the compile time keeps growing (BENCHMARKS.md, "Eval in pieces on CPU").
 _MAX_EVAL_PIECES = 4
 
 
@@ -364,8 +364,7 @@ def eval_pieces(batch: int, backend: str | None = None, cores: int | None = None
     On CPU, XLA runs each op on its intra-op thread pool, but at eval batch sizes
     most ops are too small to keep every core busy. Independent copies of the
     forward pass, each on a slice of the batch, give XLA's executor work to run
-    side by side. Eval img/s at 128 px, batch 16 (BENCHMARKS.md, "Eval in pieces"):
-    2 cores 1.15-1.2x with 2 pieces; 4 cores 1.7x with 4; 16 cores 1.4x with 4.
+    side by side (BENCHMARKS.md, "Eval in pieces on CPU", has the figures).
     Eval BatchNorm uses running statistics, so every example's logits are the
     same however the batch is cut. GPUs and TPUs fill up on one batch: 1 piece.
 

@@ -4,7 +4,7 @@ Command:
   python -m circlemix_jax.main --config configs/c2.py   # after configs/c5.py, same fold and method
 
 Variants (the part after ':' in --config):
-  configs/c2.py:smoke             tiny run for tests (32 px, 2 epochs): seconds of training plus 1-2 min of compilation
+  configs/c2.py:smoke             tiny run for tests (32 px, 2 epochs): mostly compiling
   configs/c2.py:circlemix         CircleMix (also: baseline, cutmix, mixup; combine as smoke,circlemix)
 
 Expected result and time:

@@ -19,9 +19,8 @@ Command:
 
 Variants (the part after ':' in --config, comma-separated):
   configs/paper.py:smoke    the whole protocol in miniature on the built-in synthetic set (2 folds,
-                            1 epoch, 32 px): 30 runs, 9 compiled train steps. Measured with a cold
-                            compilation cache: 36 min wall, 17.5 CPU-minutes, on the 2-core CPU while
-                            other jobs kept its load near 10; alone it should take about the CPU time.
+                            1 epoch, 32 px): 30 runs, 9 compiled train steps; with a cold compilation
+                            cache, compiling is most of its time.
                             Scores are at chance (a dozen steps): it checks the plumbing, not CircleMix.
   configs/paper.py:scratch  every run with the from-scratch recipe of configs/c5.py:scratch (combines:
                             scratch,loco).

@@ -46,3 +46,20 @@ def run_cli(*args: str, cwd: str = REPO, timeout: int = 600, env: dict | None = 
     full_env.setdefault("CIRCLEMIX_CACHE", CACHE)
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+SMOKE = ("circlemix_jax.main", "--config=configs/c5.py:smoke")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
+    """One finished `configs/c5.py:smoke` run, trained once per session.
+
+    test_train reads its outputs and test_reliability compares interrupted runs
+    against it, so the suite trains the uninterrupted reference only once.
+    Returns (workdir, the completed process).
+    """
+    workdir = str(tmp_path_factory.mktemp("smoke") / "run")
+    result = run_cli(*SMOKE, f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result

@@ -5,13 +5,17 @@ No timing assertions: speed lives in the benchmark itself (BENCHMARKS.md).
 
 import json
 
+import jax
+import jax.numpy as jnp
 from conftest import run_cli
+
+from circlemix_jax.bench import program_fingerprint
 
 # Only the JSON is checked, so let XLA skip LLVM's optimisations: halves the compile time.
 FAST_COMPILE = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
 
 MODEL_FIELDS = {"train_img_s", "eval_img_s", "compile_s", "peak_rss_mib", "augment_share", "mix_share",
-                "device", "jax", "batch", "res", "load_avg"}
+                "device", "jax", "batch", "res", "load_avg", "train_program", "eval_program"}
 
 
 def _one_json_line(proc) -> dict:
@@ -61,3 +65,24 @@ def test_bench_pipeline_from_the_disk_cache(tmp_path):
     assert first["cache"] == "disk" and first["cache_built"] and not second["cache_built"]
     assert first["iterated"] == second["iterated"] == first["images"] // 8 * 8  # one epoch of full batches
     assert second["peak_anon_mib"] > 0 and second["batches_img_s"] > 0
+
+
+def _compiled(fn, *args):
+    return jax.jit(fn).lower(*args).compile()
+
+
+def _scaled_sum(x, w):
+    return jnp.tanh(x @ w).sum()
+
+
+def _renamed(inputs, weights):  # the same computation, other names, other source lines
+    hidden = inputs @ weights
+    return jnp.tanh(hidden).sum()
+
+
+def test_program_fingerprint_ignores_names_and_sees_computation():
+    x, w = jnp.ones((8, 4)), jnp.ones((4, 3))
+    same = program_fingerprint(_compiled(_scaled_sum, x, w))
+    assert program_fingerprint(_compiled(_renamed, x, w)) == same
+    assert program_fingerprint(_compiled(lambda a, b: jnp.sin(a @ b).sum(), x, w)) != same  # another op
+    assert program_fingerprint(_compiled(_scaled_sum, x, jnp.ones((4, 5)))) != same  # another shape

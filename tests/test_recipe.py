@@ -264,6 +264,7 @@ def test_label_smoothing_with_every_method(method):
 
 def test_exact_resume_with_ema_after_sigkill(tmp_path):
     """The EMA lives in the checkpointed state: a killed and resumed run predicts exactly as an uninterrupted one."""
+    import json
     import os
     import signal
     import subprocess
@@ -287,11 +288,18 @@ def test_exact_resume_with_ema_after_sigkill(tmp_path):
     assert proc.poll() is None, "the run ended before its first checkpoint; cannot test a kill"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert not os.path.exists(os.path.join(killed, "metrics.json"))
     resumed = run_cli(*cmd, f"--workdir={killed}", timeout=1200)
     assert resumed.returncode == 0 and "resuming from step" in resumed.stdout, resumed.stderr[-3000:]
     with open(os.path.join(whole, "test_predictions.csv")) as a:
         with open(os.path.join(killed, "test_predictions.csv")) as b:
             assert a.read() == b.read()
+    metrics = []
+    for workdir in (whole, killed):
+        with open(os.path.join(workdir, "metrics.json")) as f:
+            metrics.append(json.load(f))
+    assert metrics[0].pop("best_val_balanced_accuracy") == pytest.approx(metrics[1].pop("best_val_balanced_accuracy"))
+    assert metrics[0] == metrics[1]
 
 
 # --- mask-weighted lambda (issue section 4) --------------------------------------

@@ -16,16 +16,15 @@ import tempfile
 import time
 
 import pytest
-from conftest import CACHE, REPO
+from conftest import CACHE, REPO, SMOKE
 
-CMD = ("circlemix_jax.main", "--config=configs/c5.py:smoke")
 TIMEOUT = 600
 
 
 def _start(workdir: str, *extra: str) -> subprocess.Popen:
     """Starts a run; its output goes to files, so runs nobody is reading yet never block on a pipe."""
     logs = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", *CMD, f"--workdir={workdir}", *extra], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", *SMOKE, f"--workdir={workdir}", *extra], cwd=REPO,
                             env=dict(os.environ, CIRCLEMIX_CACHE=CACHE), text=True, stdout=logs[0], stderr=logs[1])
     proc.logs = logs
     return proc
@@ -80,30 +79,26 @@ def _saved_step(result, name: str, code: int) -> int:
     return int(result.stderr.split(f"{name}: saved a checkpoint at step")[1].split()[0])
 
 
-def test_sigterm_and_sigint_save_exit_and_resume_exactly(tmp_path):
-    whole, stopped = str(tmp_path / "uninterrupted"), str(tmp_path / "preempted")
-    reference = _start(whole)
-    try:
-        # Preempted mid-epoch 1 of 2 (12 steps each): the resume restarts inside an epoch.
-        step = _saved_step(_stop_when(_start(stopped), "compiled the train step", signal.SIGTERM), "SIGTERM", 0)
-        assert 0 < step < 12, step
-        assert _steps(os.path.join(stopped, "checkpoints", "latest")) == [step]
-        assert not os.path.exists(os.path.join(stopped, "metrics.json"))
+def test_sigterm_and_sigint_save_exit_and_resume_exactly(smoke_run, tmp_path):
+    stopped = str(tmp_path / "preempted")
+    # Preempted mid-epoch 1 of 2 (12 steps each): the resume restarts inside an epoch.
+    step = _saved_step(_stop_when(_start(stopped), "compiled the train step", signal.SIGTERM), "SIGTERM", 0)
+    assert 0 < step < 12, step
+    assert _steps(os.path.join(stopped, "checkpoints", "latest")) == [step]
+    assert not os.path.exists(os.path.join(stopped, "metrics.json"))
 
-        # Ctrl-C in epoch 2 of the resumed run: saved too, exit 130.
-        resumed = _stop_when(_start(stopped), "epoch 1/2  val", signal.SIGINT)
-        assert f"resuming from step {step} " in resumed.stdout, resumed.stdout[-2000:]
-        step2 = _saved_step(resumed, "SIGINT", 130)
-        assert 12 <= step2 <= 24, step2
+    # Ctrl-C in epoch 2 of the resumed run: saved too, exit 130.
+    resumed = _stop_when(_start(stopped), "epoch 1/2  val", signal.SIGINT)
+    assert f"resuming from step {step} " in resumed.stdout, resumed.stdout[-2000:]
+    step2 = _saved_step(resumed, "SIGINT", 130)
+    assert 12 <= step2 <= 24, step2
 
-        last = _finish(_start(stopped))
-        assert last.returncode == 0, last.stderr[-3000:]
-        assert f"resuming from step {step2} " in last.stdout, last.stdout[-2000:]
-        assert _steps(os.path.join(stopped, "checkpoints", "latest"))[-1] == 24
-    finally:
-        ref = _finish(reference)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    a, b = _metrics(whole), _metrics(stopped)
+    last = _finish(_start(stopped))
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert f"resuming from step {step2} " in last.stdout, last.stdout[-2000:]
+    assert _steps(os.path.join(stopped, "checkpoints", "latest"))[-1] == 24
+    # The uninterrupted run of the same config, trained once for the session.
+    a, b = _metrics(smoke_run[0]), _metrics(stopped)
     assert a.pop("best_val_balanced_accuracy") == pytest.approx(b.pop("best_val_balanced_accuracy"))
     assert a == b
 

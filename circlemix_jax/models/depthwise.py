@@ -1,7 +1,7 @@
 """Depthwise 2-D convolution: XLA's grouped convolution, or shift-and-add for XLA:CPU.
 
-On CPU, XLA's grouped convolution (``feature_group_count=C``) is 6-10x slower
-forward+backward than adding up the k×k shifted taps (both give identical
+On CPU, XLA's grouped convolution (``feature_group_count=C``) is several times
+slower forward+backward than adding up the k×k shifted taps (both give identical
 results; BENCHMARKS.md has the timings). `depthwise_conv` offers both; which
 one a model uses is chosen with its other layers (`models.layers`):
 
@@ -19,7 +19,7 @@ one a model uses is chosen with its other layers (`models.layers`):
   GPU/TPU, where cuDNN and the TPU compiler have dedicated depthwise kernels; we
   could not time those here; ``model.layers='cpu'`` runs 'shift' anywhere, to compare.
 
-Implementation notes for 'shift' (all measured on XLA:CPU, jax 0.10):
+Implementation notes for 'shift' (what XLA:CPU did with each form we tried):
 
 - XLA:CPU lowers a pad fused into a loop to a per-element pointer select,
   which becomes scalar gathers. With at most `_PER_TAP_PAD_MAX_TAPS` taps, one
@@ -32,7 +32,7 @@ Implementation notes for 'shift' (all measured on XLA:CPU, jax 0.10):
   expand conv) is not otherwise written to memory, and XLA fuses it into each
   per-tap pad: kh*kw evaluations of SiLU per output. The inference forward
   therefore always pads once, which fuses the producer into that one pad
-  (B0 eval at 256 px: about 20% faster; BENCHMARKS.md).
+  (BENCHMARKS.md, "Eval: SiLU was computed once per depthwise tap").
 - The kernel gradient gathers all taps into one (N, rows/R, W, taps, C) fused
   loop that sums R rows. Each input row is then read once for all taps. A
   `lax.rev` stops YNNPACK from pulling that loop into its reduction, which would
@@ -42,7 +42,7 @@ Implementation notes for 'shift' (all measured on XLA:CPU, jax 0.10):
   every tap. In the model, BatchNorm reads y several times, so this does not
   happen there. We tried blocking it with a no-op `lax.reduce_precision` or
   `lax.rev` at the root. XLA then copied the forward into every BatchNorm
-  consumer, which was 2-9x slower, so there is no blocker.
+  consumer, which was slower still, so there is no blocker.
 """
 
 from __future__ import annotations

@@ -144,8 +144,8 @@ class AffineBatchNorm(nn.Module):
     mean/var, biased batch variance, running averages with `momentum`), but it normalises as one per-channel affine map
     `x * a + b` with `a = scale / sqrt(var + eps)`, `b = bias - mean * a`.
     Autodiff of that form needs one fused reduction and one elementwise pass
-    backward; flax's `(x - mean) * mul + bias` is about 3x slower forward and
-    backward on XLA:CPU. Statistics and the affine map are float32; the output is
+    backward; flax's `(x - mean) * mul + bias` is several times slower forward and
+    backward on XLA:CPU (BENCHMARKS.md). Statistics and the affine map are float32; the output is
     cast to `dtype`.
     """
 
