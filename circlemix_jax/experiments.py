@@ -378,6 +378,37 @@ def write_results(paper, root: str, wall_s: float | None = None) -> list[str]:
     return written + [path] + figures
 
 
+def training_summary(b) -> str:
+    """The training recipe of config `b` in words: the schedule it ran, and each recipe option that is on."""
+    o = b.optim
+    if o.schedule == "cosine":
+        schedule = "cosine decay to 0"
+    else:
+        schedule = f"lr x{o.decay_factor} at {o.decay_at:.0%} of the steps"
+    parts = [f"{b.num_epochs} epochs", f"{b.data.image_size} px", f"batch {b.batch_size}",
+             f"SGD lr {o.lr} momentum {o.momentum}{' (Nesterov)' if o.nesterov else ''}", schedule]
+    if o.warmup_epochs:
+        parts.append(f"{o.warmup_epochs:g} warm-up epochs")
+    if o.weight_decay:
+        parts.append(f"weight decay {o.weight_decay:g}")
+    if o.ema_decay:
+        parts.append(f"weight EMA {o.ema_decay:g}")
+    if o.logit_adjust:
+        parts.append(f"logit-adjusted loss (tau {o.logit_adjust:g})")
+    if b.mix.label_smoothing:
+        parts.append(f"label smoothing {b.mix.label_smoothing:g}")
+    a = b.augment
+    extra = [w for w, on in (("8 dihedral symmetries", a.transpose),
+                             (f"rotation ±{a.rotate_degrees:g}°", a.rotate_degrees),
+                             ("colour and stain jitter", any(a.colour.values()))) if on]
+    if extra:
+        parts.append("augmentation: " + ", ".join(extra))
+    parts.append(f"input normalisation '{b.data.input_norm}'")
+    parts.append(f"CircleMix sampler '{b.mix.sampler}', mixing granularity '{b.mix.granularity}', "
+                 f"lambda from '{b.mix.lam_mode}'")
+    return ", ".join(parts)
+
+
 def describe(paper, wall_s: float | None) -> list[str]:
     """The settings that produced the tables, for the report's header."""
     b = paper.base
@@ -388,9 +419,7 @@ def describe(paper, wall_s: float | None) -> list[str]:
     seeds = f"initialisation seeds {list(paper.seeds)}" if paper.seeds else f"initialisation seed {b.seed}"
     lines = [f"Data: {source}; {split}, test folds {folds_of(paper)}, split seed {b.split_seed}, {seeds}.",
              f"Methods: {', '.join(paper.methods)}; stages: {', '.join(s for s in STAGE_ORDER if s in paper.stages)}.",
-             f"Training: {b.num_epochs} epochs, {b.data.image_size} px, batch {b.batch_size}, SGD lr {b.optim.lr} "
-             f"momentum {b.optim.momentum}, lr x{b.optim.decay_factor} at {b.optim.decay_at:.0%} of the steps, "
-             f"CircleMix sampler '{b.mix.sampler}', mixing granularity '{b.mix.granularity}'.",
+             f"Training: {training_summary(b)}.",
              f"Evaluation: test-time augmentation {'on (8 dihedral views)' if b.eval.tta else 'off'}, decision rule "
              f"'{b.eval.decision}'; intervals from {paper.bootstrap_resamples} subject-bootstrap resamples "
              f"(seed {paper.bootstrap_seed})."]

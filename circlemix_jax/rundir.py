@@ -221,13 +221,25 @@ def _alive(holder: dict) -> bool:
     return True
 
 
+def _locks(workdir: str) -> bool:
+    """Whether this process takes part in the workdir's lock.
+
+    Remote workdirs (gs://) are not locked: object stores have no atomic create
+    here. In a multi-process job every process shares the workdir, so process 0
+    alone holds the job's lock; each taking it would refuse the others as a second run.
+    """
+    import jax  # only once a run is under way; the CLIs parse flags without it
+
+    return "://" not in workdir and jax.process_index() == 0
+
+
 def check_unlocked(workdir: str) -> None:
     """Refuses at once if a live process holds the workdir (read-only; see `locked`).
 
     Raises:
       InputError: naming the holder's pid and host.
     """
-    if "://" in workdir:
+    if not _locks(workdir):
         return
     holder = _holder(os.path.join(workdir, LOCK))
     if holder and _alive(holder):
@@ -240,12 +252,12 @@ def check_unlocked(workdir: str) -> None:
 def locked(workdir: str) -> Iterator[None]:
     """Holds the workdir's lock file for the block; a stale lock of a dead process is taken over.
 
-    Remote workdirs (gs://) are not locked: object stores have no atomic create here.
+    Remote workdirs and processes other than a job's process 0 take no lock (`_locks`).
 
     Raises:
       InputError: a live process holds the lock.
     """
-    if "://" in workdir:
+    if not _locks(workdir):
         yield
         return
     path = os.path.join(workdir, LOCK)

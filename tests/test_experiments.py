@@ -245,3 +245,14 @@ def test_paired_comparison_and_formatting():
     assert report.paired({0: 0.5, 1: 0.6}, {0: 0.6, 1: 0.5})["p"] is None  # too few folds for a test
     assert report.mean_std([0.7, 0.8]) == "75.0 ± 7.1" and report.mean_std([0.5]) == "50.0"
     assert report.mean_std([]) == "–"
+
+
+def test_report_header_names_the_schedule_that_ran():
+    spec = importlib.util.spec_from_file_location("paper_config", os.path.join(REPO, "configs", "paper.py"))
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    recipe = experiments.training_summary(paper.get_config("scratch").base)
+    assert "cosine decay" in recipe and "x0.1" not in recipe and "od_per_image" in recipe
+    assert "weight EMA 0.99" in recipe and "8 dihedral symmetries" in recipe
+    papers = experiments.training_summary(paper.get_config("").base)
+    assert "lr x0.1 at 50% of the steps" in papers and "cosine" not in papers and "EMA" not in papers
