@@ -8,12 +8,15 @@ wait leaves the device idle while the host gathers the next batch.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from circlemix_jax import checkpoint, step as steplib
 from circlemix_jax.cli import StopRequest
@@ -42,6 +45,56 @@ def save_and_stop(ckpts, step: int, state, progress, stop: StopRequest, workdir:
     ckpts.wait()  # `state` was donated to the step: the save must finish before the process ends
     raise Stopped(stop.signum, step, workdir)
 
+
+def stop_agreed(stop: StopRequest) -> bool:
+    """Whether to stop now, the same answer in every process; call at the same point in each.
+
+    A stop signal reaches the processes of a job at different times (a preemption
+    notice may reach one host only), and a process that stopped alone would leave
+    the others waiting in their next collective for ever. So with several
+    processes none acts on its own flag: this gathers every process's (it waits
+    for them), and a process stops when any was told to.
+    """
+    if jax.process_count() == 1:
+        return bool(stop)
+    return _settle(stop, bool(multihost_utils.process_allgather(np.int32(bool(stop))).max()))
+
+
+def _settle(stop: StopRequest, agreed: bool) -> bool:
+    if agreed and not stop:
+        stop.signum = signal.SIGTERM  # another process was told to stop
+    return agreed
+
+
+class StepStopVote:
+    """`stop_agreed` after every training step, without waiting for the device.
+
+    Each process casts its flag into a one-number all-reduce after each step and
+    reads the result cast `STOP_LAG` steps earlier, which the device has long
+    finished: every process reads the same votes at the same steps, so all stop
+    at one step, `STOP_LAG` steps after the first signal. JAX's preemption
+    service, where it catches the signal itself, agrees on a step the same way.
+    One process: its own flag, at once.
+    """
+
+    def __init__(self, stop: StopRequest, mesh):
+        self.stop, self.mesh = stop, mesh
+        self.multi = jax.process_count() > 1
+        self._cast = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P())) if self.multi else None
+        self._votes = collections.deque()
+
+    def after(self, step: int) -> bool:
+        """Whether every process stops after `step`."""
+        if not self.multi:
+            return bool(self.stop)
+        flags = np.full((len(self.mesh.local_devices),), bool(self.stop), np.int32)
+        self._votes.append(self._cast(steplib.shard_batch({"stop": flags}, self.mesh)["stop"]))
+        agreed = len(self._votes) > STOP_LAG and bool(self._votes.popleft())
+        return _settle(self.stop, multihost_utils.reached_preemption_sync_point(step) or agreed)
+
+
+# Steps between a stop signal and the step at which every process of a job stops.
+STOP_LAG = 2
 
 # Batches copied to the device ahead of the step that uses them (pipeline.prefetch).
 PREFETCH_DEPTH = 2
@@ -92,7 +145,7 @@ def run_steps(loop: Loop, state, batches, step: int, epoch: int, progress: dict)
       FloatingPointError: a non-finite loss or gradient.
     """
     config, m, meter, spe = loop.config, loop.m, loop.meter, loop.spe
-    multi = jax.process_count() > 1
+    vote = StepStopVote(loop.stop, m.mesh)
     pending = []
 
     def flush(keep: int = 0):
@@ -115,15 +168,10 @@ def run_steps(loop: Loop, state, batches, step: int, epoch: int, progress: dict)
             lagged = step % spe and len(pending) > METRICS_LAG
             losses = flush(keep=METRICS_LAG if lagged else 0)
             meter.report(step, epoch, config.num_epochs, losses, lr)
-        if multi:
-            # The preemption service that jax.distributed.initialize starts catches SIGTERM
-            # in every process and agrees on one step at which all of them stop.
-            if multihost_utils.reached_preemption_sync_point(step):
-                loop.stop.signum = loop.stop.signum or signal.SIGTERM
-        if loop.stop or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-                         and step % spe):
+        stopping = vote.after(step)
+        if stopping or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step % spe):
             flush()
-            if loop.stop:
+            if stopping:
                 save_and_stop(loop.ckpts, step, state, progress, loop.stop, loop.workdir)
             loop.ckpts.save(checkpoint.LATEST, step, state, progress)
     flush()

@@ -242,7 +242,7 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
     if isinstance(inputs, dict):
         return inputs
     workdir = inputs.workdir
-    if stop:
+    if epoch_steps.stop_agreed(stop):
         raise Stopped(stop.signum, None, workdir)
     log(f"stage {config.stage} ({', '.join(inputs.parts['train'].class_names)}), method {method_name(config)}, "
         f"fold {config.fold}: train {len(inputs.parts['train'])}, val {len(inputs.parts['val'])}, "
@@ -260,7 +260,7 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
             machinery, state, progress = prepare(inputs, ckpts)
             state, progress = train(inputs, machinery, state, progress, ckpts, stop)
             ckpts.wait()
-            if stop:  # every epoch is saved: the rerun goes straight to the test
+            if epoch_steps.stop_agreed(stop):  # every epoch is saved: the rerun goes straight to the test
                 raise Stopped(stop.signum, ckpts.latest_step(), workdir)
             if ckpts.latest_step(checkpoint.BEST) is None:
                 raise InputError(f"{workdir} has no best checkpoint although training finished (was "
@@ -327,7 +327,7 @@ def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: Stop
             if img_s:
                 writer.scalars(step, {"train/img_per_s": img_s})
             writer.flush()
-            if stop:
+            if epoch_steps.stop_agreed(stop):
                 epoch_steps.save_and_stop(ckpts, step, state, progress, stop, inputs.workdir)
     finally:
         writer.close()
