@@ -78,7 +78,7 @@ def restore_best(workdir: str, config):
     from circlemix_jax import step as steplib  # keeps merge-only users free of the model
 
     require_best_checkpoint(workdir, finished=False)
-    model = steplib.make_model(config, axis_name=None)
+    model = steplib.make_model(config)
     tx = steplib.make_optimizer(config)
     dummy = np.zeros((1, config.data.image_size, config.data.image_size, 3), np.float32)
     prior = steplib.log_prior(config, np.arange(len(config.classes)))  # only its shape matters here

@@ -65,7 +65,7 @@ def load(workdir: str) -> RunModel:
     hierarchy.require_best_checkpoint(workdir, finished=False)
     config = hierarchy.load_run_config(workdir)
     state = hierarchy.restore_best(workdir, config)
-    return RunModel(workdir, config, steplib.make_model(config, axis_name=None),
+    return RunModel(workdir, config, steplib.make_model(config),
                     steplib.eval_variables(state), int(state.step))
 
 

@@ -1,9 +1,26 @@
 """The train state, and the data-parallel train and eval steps.
 
-Each step is a per-device program (`jax.shard_map` over a 1-D mesh with axis
-'data', wrapped in `jax.jit`): pmap's model with the current API. Gradients and
-BatchNorm statistics are averaged over the axis, so 1 and N devices compute the
-same update for the same global batch.
+The batch is split over a 1-D mesh with axis 'data'. The train step is plain
+`jax.jit` over the global batch (state replicated, batch `NamedSharding` on
+'data'): the model, its BatchNorm, the loss and the metrics are written for one
+batch and know nothing of the mesh; XLA's SPMD partitioner inserts the
+reductions that make BatchNorm statistics, the loss and the gradients those of
+the global batch, so 1 and N devices compute the same update. `jax.shard_map`
+remains only where the semantics are per device:
+
+- augmentation and mixing (`prepare_images`): each device mixes within its own
+  shard with its own key (`step_keys` folds in the device index), as every run
+  so far has, so resumed runs and recorded results draw exactly as before
+  (dropout, drawn inside the model, now takes one key for the global batch:
+  unchanged on one device, see `train_step`);
+- eval (`eval_step`): no reduction crosses devices, and `eval_pieces` cuts each
+  device's shard into independent pieces, which only a per-device program can
+  express without moving data between devices.
+
+Before this layout the whole train step was one shard_map, and the model had to
+carry the mesh axis (BatchNorm `pmean`) and a cast of replicated kernels to
+device-varying before each custom VJP. Plain jit removed both and measured as
+fast (BENCHMARKS.md, "Train step: plain jit against shard_map").
 """
 
 from __future__ import annotations
@@ -51,9 +68,9 @@ class TrainState:
     log_prior: Any = None
 
 
-def make_model(config, axis_name: str | None = AXIS) -> EfficientNetB0:
-    """`models.make_model` for the data-parallel step: BatchNorm averages over the mesh's axis."""
-    return models.make_model(config, axis_name=axis_name)
+def make_model(config) -> EfficientNetB0:
+    """`models.make_model`: the same model serves every step and any number of devices."""
+    return models.make_model(config)
 
 
 SCHEDULES = ("step", "cosine")
@@ -269,37 +286,51 @@ def _l2(tree) -> jax.Array:
     return optax.tree.norm(tree)
 
 
-def step_keys(rng: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(augmentation and mixing key, dropout key) of one device at one step, inside shard_map.
+def step_keys(rng: jax.Array, step: jax.Array, device: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+    """(augmentation and mixing key, dropout key) of device `device` (its mesh index) at one step.
 
     Derived from the run's root key and the step counter, so a resumed run draws
     exactly what an uninterrupted one would.
     """
-    return tuple(jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(AXIS))))
+    return tuple(jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, step), device)))
+
+
+def prepare_shards(config, mesh: Mesh, normalise: bool = True) -> Callable:
+    """`prepare_images` of every device's shard: (images, labels, rng, step) -> its outputs, split on 'data'.
+
+    A shard_map, because mixing is per device: partners come from the device's own
+    shard and each device draws with its own `step_keys`.
+    """
+
+    def fn(images, labels, rng, step):
+        return prepare_images(config, step_keys(rng, step, lax.axis_index(AXIS))[0], images, labels,
+                              normalise=normalise)
+
+    spec = P(AXIS)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, P(), P()), out_specs=(spec, spec, spec))
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, lr: jax.Array, *, config, model: EfficientNetB0,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One SGD step at learning rate `lr` on one device's shard; call through `parallel_train_step`.
+               tx: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, dict]:
+    """One SGD step at learning rate `lr` on the global batch; call through `parallel_train_step`.
 
     A non-finite loss or gradient leaves the state unchanged and raises the
     `nonfinite` metric, so the last good state is what gets checkpointed.
     """
-    data_rng, dropout_rng = step_keys(rng, state.step)
-    images, soft_labels, lam = prepare_images(config, data_rng, batch["image"], batch["label"])
+    images, soft_labels, lam = prepare_shards(config, mesh)(batch["image"], batch["label"], rng, state.step)
+    # One dropout key for the global batch: device 0's, which is the key single-device
+    # runs always used. Random bits are partitionable (jax_threefry_partitionable), so
+    # the masks do not depend on how the batch is split.
+    dropout_rng = step_keys(rng, state.step, 0)[1]
 
     def loss_fn(params):
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
                                       train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-        # The global-batch loss (equal shards: mean of per-device means). Averaging here
-        # with pmean, not on the gradients afterwards: params are device-invariant under
-        # shard_map, so autodiff already sums their cotangents over the axis, and the
-        # gradient of this pmean is exactly the global-mean gradient.
         # Logit adjustment (Menon et al. 2021): the loss sees logits + tau * log prior, so
         # the raw logits, which every evaluation uses, learn the class-balanced decision
         # and their argmax targets balanced accuracy instead of accuracy.
         adjusted = logits if state.log_prior is None else logits + config.optim.logit_adjust * state.log_prior
-        loss = lax.pmean(optax.softmax_cross_entropy(adjusted, soft_labels).mean(), AXIS)
+        loss = optax.softmax_cross_entropy(adjusted, soft_labels).mean()
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -314,10 +345,10 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, lr: jax.Array, *,
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema,
                            log_prior=state.log_prior)
     new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    accuracy = lax.pmean(jnp.mean(jnp.argmax(logits, -1) == batch["label"]), AXIS)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,
                "param_norm": _l2(params), "update_norm": _l2(updates),
-               "lambda": lax.pmean(jnp.mean(lam), AXIS), "nonfinite": ~finite}
+               "lambda": jnp.mean(lam), "nonfinite": ~finite}
     return new_state, metrics
 
 
@@ -395,13 +426,14 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 
 
 def parallel_train_step(config, model, tx, mesh: Mesh) -> Callable:
-    """jit(shard_map(train_step)): state, key and lr replicated, batch split on 'data'.
+    """jit(train_step): state, key and lr replicated, batch split on 'data', state and metrics replicated.
 
     The state argument is donated: callers must use the returned state.
     """
-    fn = functools.partial(train_step, config=config, model=model, tx=tx)
-    mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS), P(), P()), out_specs=(P(), P()))
-    return jax.jit(mapped, donate_argnums=0)
+    fn = functools.partial(train_step, config=config, model=model, tx=tx, mesh=mesh)
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+    return jax.jit(fn, in_shardings=(replicated, split, replicated, replicated), out_shardings=replicated,
+                   donate_argnums=0)
 
 
 def parallel_eval_step(config, model, mesh: Mesh) -> Callable:
@@ -411,14 +443,14 @@ def parallel_eval_step(config, model, mesh: Mesh) -> Callable:
 
 
 def parallel_prepare(config, mesh: Mesh) -> Callable:
-    """The train step's augmentation alone, for logging a mixed batch as an image."""
+    """The train step's augmentation alone (as at step 0), for logging a mixed batch as an image."""
+    prepare = prepare_shards(config, mesh, normalise=False)
 
     def fn(images, labels, rng):
-        x, soft, lam = prepare_images(config, step_keys(rng, 0)[0], images, labels, normalise=False)
+        x, soft, lam = prepare(images, labels, rng, 0)
         return jnp.clip(x, 0, 1), soft, lam
 
-    spec = P(AXIS)
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, P()), out_specs=(spec, spec, spec)))
+    return jax.jit(fn)
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:

@@ -36,7 +36,7 @@ def make_run(workdir: str, stage: str = "binary", arg: str = "smoke", image_size
         config.data.image_size = image_size
         for k, v in fields.items():
             config[k] = v
-    model = steplib.make_model(config, axis_name=None)
+    model = steplib.make_model(config)
     variables = model.init(jax.random.key(seed), np.zeros((1, image_size, image_size, 3), np.float32), train=False)
     rng = np.random.default_rng(seed)
     stats = jax.tree_util.tree_map_with_path(

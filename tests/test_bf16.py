@@ -33,7 +33,7 @@ def _easy_batch(n=10, size=32, classes=5):
 
 def test_bf16_computes_in_bf16_with_float32_params():
     config = _config()
-    model = step.make_model(config, axis_name=None)
+    model = step.make_model(config)
     x = jnp.zeros((2, 32, 32, 3))
     # Shapes and dtypes only: tracing needs no compilation, so this test stays fast.
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))

@@ -63,8 +63,8 @@ def test_channel_matmul_gradients_match_autodiff_of_dot(shape):
 _LAYER_CASES = {
     "pointwise": lambda ls: ls.pointwise(7, True, jnp.float32),
     "depthwise": lambda ls: ls.depthwise(5, 2, "same", jnp.float32),
-    "norm_train": lambda ls: ls.norm(False, 0.9, 1e-3, jnp.float32, None),
-    "norm_eval": lambda ls: ls.norm(True, 0.9, 1e-3, jnp.float32, None),
+    "norm_train": lambda ls: ls.norm(False, 0.9, 1e-3, jnp.float32),
+    "norm_eval": lambda ls: ls.norm(True, 0.9, 1e-3, jnp.float32),
 }
 
 

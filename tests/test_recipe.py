@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from circlemix_jax import augment, config_check, defaults, step
 from circlemix_jax.errors import InputError
@@ -388,8 +387,7 @@ def _tiny_model():
     class Tiny(nn.Module):
         @nn.compact
         def __call__(self, x, train=False):
-            h = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name=step.AXIS if train else None)(
-                x.mean((1, 2)))
+            h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x.mean((1, 2)))
             return nn.Dense(2)(h)
 
     return Tiny()
@@ -413,8 +411,7 @@ def test_train_step_keeps_the_ema_and_adjusts_the_loss_by_the_prior():
     new, metrics = train(step.replicate(state, mesh), step.shard_batch({"image": x, "label": labels}, mesh),
                          jax.random.key(0), np.float32(0.1))
     xn = jnp.asarray((x / 255.0 - np.asarray(c.data.mean)) / np.asarray(c.data.std), jnp.float32)
-    logits, _ = jax.shard_map(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), mesh=mesh,
-                              in_specs=(P(), P(step.AXIS)), out_specs=(P(step.AXIS), P()))(variables, xn)
+    logits, _ = model.apply(variables, xn, train=True, mutable=["batch_stats"])
     want = optax.softmax_cross_entropy(logits + prior, jax.nn.one_hot(labels, 2)).mean()
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
     unadjusted = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, 2)).mean()

@@ -11,16 +11,15 @@ from circlemix_jax.models.efficientnet import B0_STAGES, PADDINGS, EfficientNetB
 __all__ = ["B0_STAGES", "PADDINGS", "EfficientNetB0", "count_params", "make_model"]
 
 
-def make_model(config, axis_name: str | None = None, backend: str | None = None) -> EfficientNetB0:
+def make_model(config, backend: str | None = None) -> EfficientNetB0:
     """The configured EfficientNet-B0 for this stage's classes.
 
     Args:
       config: a run config (`model.*`, `classes`).
-      axis_name: the mesh axis BatchNorm averages its statistics over in training.
       backend: the platform whose layer set `model.layers='auto'` picks (default: JAX's).
     """
     m = config.model
     return EfficientNetB0(
         num_classes=len(config.classes), padding=m.padding, bn_eps=m.bn_eps, bn_momentum=m.bn_momentum,
         dropout_rate=m.dropout_rate, drop_path_rate=m.drop_path_rate, dtype=jnp.dtype(m.dtype),
-        axis_name=axis_name, layers=layers.layers(m.get("layers", "auto"), backend))
+        layers=layers.layers(m.get("layers", "auto"), backend))

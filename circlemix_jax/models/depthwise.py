@@ -9,7 +9,12 @@ one a model uses is chosen with its other layers (`models.layers`):
   so reverse mode only: `jax.jvp` through it raises). Plain autodiff of
   shift-and-add is itself slow on CPU: each kernel-gradient reduction becomes a
   YNNPACK fusion that cannot read a slice, so XLA writes every shifted tap of the
-  input to memory first (one full-size array per tap).
+  input to memory first (one full-size array per tap). The train step
+  differentiates it under plain `jax.jit` with the batch split over devices, and
+  XLA's partitioner sums the per-device kernel gradients. Differentiating it
+  inside `jax.shard_map` with a replicated kernel would need the kernel cast to
+  device-varying first (`lax.pcast`): a custom VJP must return cotangents of its
+  inputs' exact types. The same holds for `layers.channel_matmul`.
 - ``'xla'``: ``lax.conv_general_dilated(feature_group_count=C)``. Chosen on
   GPU/TPU, where cuDNN and the TPU compiler have dedicated depthwise kernels; we
   could not time those here; ``model.layers='cpu'`` runs 'shift' anywhere, to compare.
@@ -90,21 +95,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Paddin
     if impl == "xla":
         return lax.conv_general_dilated(x, kernel[:, :, None, :], (stride, stride), pads,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-    # Under shard_map the kernel (a replicated parameter) is device-invariant while x
-    # varies, and a custom_vjp must return cotangents of its inputs' exact types. So
-    # the kernel is cast to vary like x first; autodiff of that cast psums the
-    # per-device kernel gradients, as for any other parameter.
-    return _shift_conv(x, vary_like(kernel, x), stride, pads)
-
-
-def vary_like(param: jax.Array, x: jax.Array) -> jax.Array:
-    """`param` cast to vary over the mesh axes `x` varies over (no-op outside shard_map).
-
-    A custom_vjp must return cotangents of its inputs' exact types; autodiff of this
-    cast psums the per-device parameter gradients, as for any other parameter.
-    """
-    missing = tuple(_varying_axes(x) - _varying_axes(param))
-    return lax.pcast(param, missing, to="varying") if missing else param
+    return _shift_conv(x, kernel, stride, pads)
 
 
 def _out_size(n: int, pad: tuple[int, int], k: int, s: int) -> int:
@@ -220,13 +211,6 @@ def _grad_kernel(x, dy, kh, kw, s, pads):
         terms.append(taps.astype(jnp.float32) * g.astype(jnp.float32)[:, :, :, None, :])
     part = lax.rev(_sum(terms, None, None), (1, 2))  # rev: keeps the loop out of the YNNPACK reduction
     return jnp.sum(part, axis=(0, 1, 2)).reshape(kh, kw, c)
-
-
-def _varying_axes(a: jax.Array) -> frozenset:
-    """Mesh axes over which `a` differs between devices (empty outside shard_map)."""
-    aval = jax.typeof(a)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
-    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

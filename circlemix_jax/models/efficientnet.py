@@ -99,8 +99,6 @@ class EfficientNetB0(nn.Module):
       dropout_rate: dropout before the classifier.
       drop_path_rate: stochastic depth of the last block; block i gets rate * i / 16.
       dtype: compute dtype (parameters always stay float32).
-      axis_name: mesh axis over which BatchNorm statistics are averaged in
-        training, so a data-parallel step normalises with global batch statistics.
       layers: the implementations of the 1×1, depthwise and BatchNorm layers
         (`layers.XLA` or `layers.CPU`); they compute the same function.
     """
@@ -112,15 +110,13 @@ class EfficientNetB0(nn.Module):
     dropout_rate: float = 0.2
     drop_path_rate: float = 0.2
     dtype: Any = jnp.float32
-    axis_name: str | None = None
     layers: Layers = layerlib.XLA
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
-        bn = lambda name: self.layers.norm(
-            not train, self.bn_momentum, self.bn_eps, self.dtype, self.axis_name if train else None, name=name)
+        bn = lambda name: self.layers.norm(not train, self.bn_momentum, self.bn_eps, self.dtype, name=name)
         x = x.astype(self.dtype)
         x = nn.Conv(STEM_CHANNELS, (3, 3), (2, 2), padding=spatial_padding(x, 3, 2, self.padding), use_bias=False,
                     dtype=self.dtype, name="stem_conv", kernel_init=KERNEL_INIT)(x)

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from circlemix_jax.models.depthwise import depthwise_conv, vary_like
+from circlemix_jax.models.depthwise import depthwise_conv
 
 ModuleDef = Callable[..., nn.Module]
 CHOICES = ("auto", "xla", "cpu")
@@ -105,7 +105,7 @@ class MatmulConv1x1(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", KERNEL_INIT, (1, 1, x.shape[-1], self.features), jnp.float32)
         x = x.astype(self.dtype)
-        y = channel_matmul(x, vary_like(kernel[0, 0].astype(self.dtype), x))
+        y = channel_matmul(x, kernel[0, 0].astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32).astype(self.dtype)
         return y
@@ -141,8 +141,7 @@ class AffineBatchNorm(nn.Module):
     """BatchNorm over (N, H, W) with `nn.BatchNorm`'s variables and statistics.
 
     Same names and shapes as `nn.BatchNorm` (params scale/bias, batch_stats
-    mean/var, biased batch variance, running averages with `momentum`, stats
-    pmean-ed over `axis_name`), but it normalises as one per-channel affine map
+    mean/var, biased batch variance, running averages with `momentum`), but it normalises as one per-channel affine map
     `x * a + b` with `a = scale / sqrt(var + eps)`, `b = bias - mean * a`.
     Autodiff of that form needs one fused reduction and one elementwise pass
     backward; flax's `(x - mean) * mul + bias` is several times slower forward and
@@ -154,7 +153,6 @@ class AffineBatchNorm(nn.Module):
     momentum: float = 0.9
     epsilon: float = 1e-5
     dtype: Any = jnp.float32
-    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -167,10 +165,7 @@ class AffineBatchNorm(nn.Module):
             mean, var = ra_mean.value, ra_var.value
         else:
             xf = x.astype(jnp.float32)
-            stats = jnp.concatenate([jnp.mean(xf, axis=(0, 1, 2)), jnp.mean(jnp.square(xf), axis=(0, 1, 2))])
-            if self.axis_name is not None and not self.is_initializing():
-                stats = jax.lax.pmean(stats, self.axis_name)
-            mean, mean2 = stats[:features], stats[features:]
+            mean, mean2 = jnp.mean(xf, axis=(0, 1, 2)), jnp.mean(jnp.square(xf), axis=(0, 1, 2))
             var = jnp.maximum(mean2 - jnp.square(mean), 0.0)
             if not self.is_initializing():
                 ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
@@ -181,10 +176,10 @@ class AffineBatchNorm(nn.Module):
 
 
 def _flax_batch_norm(use_running_average: bool, momentum: float, epsilon: float, dtype: Any,
-                     axis_name: str | None, name: str | None = None) -> nn.Module:
+                     name: str | None = None) -> nn.Module:
     # Statistics in float32 whatever the compute dtype, as AffineBatchNorm.
     return nn.BatchNorm(use_running_average=use_running_average, momentum=momentum, epsilon=epsilon, dtype=dtype,
-                        param_dtype=jnp.float32, axis_name=axis_name, force_float32_reductions=True, name=name)
+                        param_dtype=jnp.float32, force_float32_reductions=True, name=name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +189,7 @@ class Layers:
     Attributes:
       pointwise: (features, use_bias, dtype, name=) -> a 1×1 convolution.
       depthwise: (kernel_size, stride, padding, dtype, name=) -> a depthwise convolution.
-      norm: (use_running_average, momentum, epsilon, dtype, axis_name, name=) -> BatchNorm.
+      norm: (use_running_average, momentum, epsilon, dtype, name=) -> BatchNorm.
     """
 
     pointwise: ModuleDef
