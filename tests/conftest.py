@@ -1,4 +1,7 @@
 """Shared pytest setup: several fake CPU devices, so data-parallel code is exercised."""
+import contextlib
+import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -51,15 +54,36 @@ def run_cli(*args: str, cwd: str = REPO, timeout: int = 600, env: dict | None = 
 SMOKE = ("circlemix_jax.main", "--config=configs/c5.py:smoke")
 
 
+@contextlib.contextmanager
+def shared_dir(tmp_path_factory, name: str):
+    """A folder every test process of this session shares, held under an exclusive lock.
+
+    Under pytest-xdist each worker has its own session, so a session fixture
+    would run once per worker; the first worker to take the lock fills the
+    folder and the others find it filled.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' temp dirs share this parent
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
-    """One finished `configs/c5.py:smoke` run, trained once per session.
+    """One finished `configs/c5.py:smoke` run, trained once per test session (all workers).
 
     test_train reads its outputs and test_reliability compares interrupted runs
     against it, so the suite trains the uninterrupted reference only once.
     Returns (workdir, the completed process).
     """
-    workdir = str(tmp_path_factory.mktemp("smoke") / "run")
-    result = run_cli(*SMOKE, f"--workdir={workdir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, result
+    with shared_dir(tmp_path_factory, "smoke") as folder:
+        workdir, log = folder / "run", folder / "result.json"
+        if not log.exists():
+            result = run_cli(*SMOKE, f"--workdir={workdir}")
+            assert result.returncode == 0, result.stderr[-3000:]
+            log.write_text(json.dumps({"stdout": result.stdout, "stderr": result.stderr}))
+        out = json.loads(log.read_text())
+    return str(workdir), subprocess.CompletedProcess(SMOKE, 0, out["stdout"], out["stderr"])

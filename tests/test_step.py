@@ -23,12 +23,18 @@ def batch():
     return {"image": rng.integers(0, 255, (8, 32, 32, 3), np.uint8), "label": rng.integers(0, 5, 8).astype(np.int32)}
 
 
-def _one_step(num_devices, batch, lr=None, config=None):
+@pytest.fixture(scope="module")
+def init_variables():
+    """The model's initial variables at seed 0, made once: B0's init costs a compile (jit) or a minute (eager)."""
+    model = step.make_model(_config())
+    return jax.jit(lambda k: model.init(k, np.zeros((1, 32, 32, 3), np.float32), train=False))(jax.random.key(0))
+
+
+def _one_step(num_devices, batch, variables, lr=None, config=None):
     config = config or _config()
     mesh = step.make_mesh(num_devices)
     model = step.make_model(config)
     tx = step.make_optimizer(config)
-    variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
     state = step.replicate(step.init_state(variables, tx), mesh)
     train = step.parallel_train_step(config, model, tx, mesh)
     state, metrics = train(state, step.shard_batch(batch, mesh), jax.random.key(0),
@@ -36,10 +42,10 @@ def _one_step(num_devices, batch, lr=None, config=None):
     return jax.device_get(state), jax.device_get(metrics)
 
 
-def test_one_and_four_devices_agree(batch):
+def test_one_and_four_devices_agree(batch, init_variables):
     assert jax.device_count() >= 4, "conftest sets 4 CPU devices"
-    s1, m1 = _one_step(1, batch)
-    s4, m4 = _one_step(4, batch)
+    s1, m1 = _one_step(1, batch, init_variables)
+    s4, m4 = _one_step(4, batch, init_variables)
     assert np.isclose(m1["loss"], m4["loss"], rtol=1e-5), (m1["loss"], m4["loss"])
     assert int(s1.step) == int(s4.step) == 1 and not m1["nonfinite"]
     flat1 = jax.tree_util.tree_leaves_with_path(s1.params)
@@ -50,22 +56,20 @@ def test_one_and_four_devices_agree(batch):
     for a, b in zip(jax.tree_util.tree_leaves(s1.batch_stats), jax.tree_util.tree_leaves(s4.batch_stats)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # And the step did something: parameters moved.
-    init_model = step.make_model(_config())
-    v0 = init_model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
-    leaves = zip(jax.tree_util.tree_leaves(v0["params"]), jax.tree_util.tree_leaves(s1.params))
+    leaves = zip(jax.tree_util.tree_leaves(init_variables["params"]), jax.tree_util.tree_leaves(s1.params))
     assert any(not np.allclose(a, b) for a, b in leaves)
 
 
-def test_dropout_does_not_depend_on_the_device_count(batch):
+def test_dropout_does_not_depend_on_the_device_count(batch, init_variables):
     """The model runs on the global batch with one dropout key, so dropout and drop-path agree too."""
     config = _config()
     config.model.dropout_rate, config.model.drop_path_rate = 0.5, 0.5
-    (s1, m1), (s4, m4) = _one_step(1, batch, config=config), _one_step(4, batch, config=config)
+    (s1, m1), (s4, m4) = (_one_step(n, batch, init_variables, config=config) for n in (1, 4))
     assert np.isclose(m1["loss"], m4["loss"], rtol=1e-5), (m1["loss"], m4["loss"])
     worst = max(float(np.max(np.abs(a - b)))
                 for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s4.params)))
     assert worst < 1e-4, worst  # measured 2e-5: the 1/keep scaling of dropout amplifies rounding
-    s0, m0 = _one_step(1, batch)  # and dropout was on: the loss differs from the run without it
+    s0, m0 = _one_step(1, batch, init_variables)  # and dropout was on: the loss differs from the run without it
     assert not np.isclose(m0["loss"], m1["loss"], rtol=1e-3)
 
 
@@ -84,11 +88,10 @@ def test_mixing_stays_per_device(batch):
         np.testing.assert_allclose(np.asarray(lam)[own], want[2], atol=1e-6)
 
 
-def test_lr_argument_sets_the_step_size(batch):
+def test_lr_argument_sets_the_step_size(batch, init_variables):
     """The lr is a traced argument: lr 0 leaves the weights where they were (one program serves every fold)."""
-    s0, m0 = _one_step(1, batch, lr=0.0)
-    v0 = step.make_model(_config()).init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
-    for a, b in zip(jax.tree_util.tree_leaves(v0["params"]), jax.tree_util.tree_leaves(s0.params)):
+    s0, m0 = _one_step(1, batch, init_variables, lr=0.0)
+    for a, b in zip(jax.tree_util.tree_leaves(init_variables["params"]), jax.tree_util.tree_leaves(s0.params)):
         np.testing.assert_array_equal(a, b)
     assert float(m0["update_norm"]) == 0.0 and float(m0["grad_norm"]) > 0.0
     assert float(s0.opt_state.hyperparams["learning_rate"]) == 0.0
@@ -115,11 +118,11 @@ def test_eval_pieces_divides_the_batch_over_spare_cores(kwargs, expected):
     assert step.eval_pieces(**kwargs) == expected
 
 
-def test_eval_in_pieces_gives_the_whole_batch_logits(batch, monkeypatch):
+def test_eval_in_pieces_gives_the_whole_batch_logits(batch, init_variables, monkeypatch):
     """Cutting the eval batch changes nothing per example, in order (running BatchNorm stats)."""
     config = _config()
     config.model.bn_momentum = 0.0  # one step sets the running statistics to this batch's moments
-    state, _ = _one_step(1, batch, lr=0.0, config=config)  # lr 0: the init weights, well conditioned
+    state, _ = _one_step(1, batch, init_variables, lr=0.0, config=config)  # lr 0: the init weights, well conditioned
     model, mesh = step.make_model(config), step.make_mesh(1)
     logits, calls = {}, []
     for pieces in (1, 4):
