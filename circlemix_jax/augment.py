@@ -1,7 +1,8 @@
 """On-device augmentations: basic flips/crops and CutMix, Mixup and CircleMix.
 
 Everything here is a pure function of an explicit PRNG key and runs inside the
-jitted, per-device train step (under ``jax.shard_map``). Masks are built by
+jitted train step, per device (``step.prepare_shards``, a ``jax.shard_map``:
+each device mixes within its own shard). Masks are built by
 comparing precomputed per-pixel maps (the CircleMix border-position map, iota
 grids for boxes) against sampled scalars, so there is no scatter and no dynamic
 slicing: vmapped ``dynamic_update_slice`` becomes a while-loop on TPU
