@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from fake_run import random_variables
 
 from circlemix_jax import defaults, step
 
@@ -50,7 +51,7 @@ def test_bf16_training_converges():
     mesh = step.make_mesh(1)
     model = step.make_model(config)
     tx = step.make_optimizer(config)
-    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.key(0))
+    variables = random_variables(model, 32)
     state = step.replicate(step.init_state(variables, tx), mesh)
     train = step.parallel_train_step(config, model, tx, mesh)
     batch = step.shard_batch(_easy_batch(), mesh)

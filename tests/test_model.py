@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fake_run import random_variables
 
 from circlemix_jax.models import EfficientNetB0, count_params, layers
 from circlemix_jax.models.layers import channel_matmul, conv_padding
@@ -20,10 +21,12 @@ def test_parameter_count_matches_reference_b0(padding):
 def test_output_shape_and_train_mode():
     model = EfficientNetB0(num_classes=5)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
-    variables = model.init(jax.random.key(0), x, train=False)
-    logits = model.apply(variables, x, train=False)
+    # Flax's init checked by shapes only: compiling it (or running it eagerly) costs far more.
+    variables = random_variables(model, 64)
+    logits = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
     assert logits.shape == (2, 5) and logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
-    out, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+    out, updates = jax.jit(lambda v: model.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)},
+                                                 mutable=["batch_stats"]))(variables)
     assert out.shape == (2, 5)
     changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
                                      updates["batch_stats"])

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from fake_run import random_variables
 
 from circlemix_jax import defaults, step
 
@@ -25,9 +26,8 @@ def batch():
 
 @pytest.fixture(scope="module")
 def init_variables():
-    """The model's initial variables at seed 0, made once: B0's init costs a compile (jit) or a minute (eager)."""
-    model = step.make_model(_config())
-    return jax.jit(lambda k: model.init(k, np.zeros((1, 32, 32, 3), np.float32), train=False))(jax.random.key(0))
+    """Random B0 variables, made once (compiling B0's own init would cost far more than the steps)."""
+    return random_variables(step.make_model(_config()), 32)
 
 
 def _one_step(num_devices, batch, variables, lr=None, config=None):

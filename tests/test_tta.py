@@ -1,8 +1,8 @@
 """Test-time augmentation: the 8 dihedral views and the eval step's mean of their logits."""
 
-import jax
 import numpy as np
 import pytest
+from fake_run import random_variables
 
 from circlemix_jax import defaults, step
 
@@ -37,13 +37,9 @@ def eval_fns():
     config = defaults.get_config("binary", "smoke")
     mesh = step.make_mesh(1)
     model = step.make_model(config)
-    variables = model.init(jax.random.key(1), np.zeros((1, 32, 32, 3), np.float32), train=False)
-    # At init the last BatchNorm of each block scales by zero and the logits are ~0 for
-    # every input; jitter every weight so that views give visibly different logits.
-    leaves, tree = jax.tree_util.tree_flatten(variables["params"])
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    noisy = [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-    variables = {**variables, "params": jax.tree_util.tree_unflatten(tree, noisy)}
+    # Random weights with fitted running statistics: views give visibly different logits
+    # (Flax's init would not: the last BatchNorm of each block scales by zero).
+    variables = random_variables(model, 32, seed=1)
     state = step.replicate(step.init_state(variables, step.make_optimizer(config)), mesh)
     plain = step.parallel_eval_step(config, model, mesh)
     # A second config: the step traces on its first call and reads the config then.
