@@ -45,8 +45,8 @@ def random_variables(model, image_size: int, seed: int = 0, calibration: np.ndar
         return (rng.standard_normal(leaf.shape) / np.sqrt(int(np.prod(leaf.shape[:-1])))).astype(leaf.dtype)
 
     variables = jax.tree_util.tree_map_with_path(draw, shapes)
-    _, stats = jax.jit(lambda v: model.clone(bn_momentum=0.0).apply(
-        v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(seed)}))(variables)
+    _, stats = jax.jit(lambda v, x: model.clone(bn_momentum=0.0).apply(
+        v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}))(variables, x)
     return {"params": variables["params"], **jax.device_get(stats)}
 
 

@@ -30,13 +30,19 @@ def init_variables():
     return random_variables(step.make_model(_config()), 32)
 
 
+_TRAIN_STEPS = {}
+
+
 def _one_step(num_devices, batch, variables, lr=None, config=None):
+    """One train step from `variables`; the jitted step is kept per (devices, config), so tests share its trace."""
     config = config or _config()
-    mesh = step.make_mesh(num_devices)
-    model = step.make_model(config)
-    tx = step.make_optimizer(config)
+    key = (num_devices, config.to_json())
+    if key not in _TRAIN_STEPS:
+        mesh = step.make_mesh(num_devices)
+        tx = step.make_optimizer(config)
+        _TRAIN_STEPS[key] = mesh, tx, step.parallel_train_step(config, step.make_model(config), tx, mesh)
+    mesh, tx, train = _TRAIN_STEPS[key]
     state = step.replicate(step.init_state(variables, tx), mesh)
-    train = step.parallel_train_step(config, model, tx, mesh)
     state, metrics = train(state, step.shard_batch(batch, mesh), jax.random.key(0),
                            np.float32(config.optim.lr if lr is None else lr))
     return jax.device_get(state), jax.device_get(metrics)
@@ -118,22 +124,22 @@ def test_eval_pieces_divides_the_batch_over_spare_cores(kwargs, expected):
     assert step.eval_pieces(**kwargs) == expected
 
 
-def test_eval_in_pieces_gives_the_whole_batch_logits(batch, init_variables, monkeypatch):
+def test_eval_in_pieces_gives_the_whole_batch_logits(batch, monkeypatch):
     """Cutting the eval batch changes nothing per example, in order (running BatchNorm stats)."""
     config = _config()
-    config.model.bn_momentum = 0.0  # one step sets the running statistics to this batch's moments
-    state, _ = _one_step(1, batch, init_variables, lr=0.0, config=config)  # lr 0: the init weights, well conditioned
     model, mesh = step.make_model(config), step.make_mesh(1)
+    x = (batch["image"].astype(np.float32) / 255.0 - np.asarray(config.data.mean)) / np.asarray(config.data.std)
+    variables = random_variables(model, 32, calibration=x)  # running statistics that fit these inputs
+    state = step.init_state(variables, step.make_optimizer(config))
     logits, calls = {}, []
     for pieces in (1, 4):
         monkeypatch.setattr(step, "eval_pieces", lambda b, n=pieces: calls.append(b) or n)
         fn = step.parallel_eval_step(config, model, mesh)
         logits[pieces] = np.asarray(fn(step.replicate(state, mesh), batch["image"]))
     assert calls == [8, 8]
-    x = (batch["image"].astype(np.float32) / 255.0 - np.asarray(config.data.mean)) / np.asarray(config.data.std)
-    whole = np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False))
+    whole = np.asarray(jax.jit(lambda v: model.apply(v, x, train=False))(variables))
     assert np.ptp(whole, axis=0).min() > 0.05  # examples differ, so a reordered piece would show
     # Rounding differs by about 1e-4: the matmuls block a batch of 2 differently from
-    # one of 8, and jit fuses differently from eager. A misplaced example is off by > 0.05.
+    # one of 8, and the eval step fuses differently. A misplaced example is off by > 0.05.
     for got in (logits[4], logits[1]):
         np.testing.assert_allclose(got, whole, rtol=1e-3, atol=5e-4)
