@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, shared_dir
 
 from circlemix_jax import defaults, experiments, hierarchy, report
 from circlemix_jax.metrics import classification_metrics
@@ -37,22 +37,22 @@ def _paper_config(arg):
     return module.get_config(arg)
 
 
-_MINI_RUNS: dict[str, tuple[str, float, str]] = {}
-
-
 def mini_protocol(tmp_path_factory) -> tuple[str, float, str]:
-    """Runs the real mini protocol once per session into a fixed folder.
+    """Runs the real mini protocol once per test session (all workers) into a shared folder.
 
-    test_predict calls this too. Whichever module asks first runs it; both get that first
-    run's output, so neither depends on the order the modules run in.
+    test_predict calls this too. Whichever test process asks first runs it; every
+    caller gets that first run's output, so neither module depends on the order
+    or the worker the modules run in. Returns (workdir, seconds, stdout).
     """
-    workdir = str(tmp_path_factory.getbasetemp() / "paper-mini")
-    if workdir not in _MINI_RUNS:
-        t = time.time()
-        result = run_cli(*SMOKE, *MINI, f"--workdir={workdir}", timeout=1200)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        _MINI_RUNS[workdir] = (workdir, time.time() - t, result.stdout)
-    return _MINI_RUNS[workdir]
+    with shared_dir(tmp_path_factory, "paper-mini") as folder:
+        workdir, log = str(folder / "run"), folder / "result.json"
+        if not log.exists():
+            t = time.time()
+            result = run_cli(*SMOKE, *MINI, f"--workdir={workdir}", timeout=1200)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            log.write_text(json.dumps({"seconds": time.time() - t, "stdout": result.stdout}))
+        out = json.loads(log.read_text())
+    return workdir, out["seconds"], out["stdout"]
 
 
 # --- the whole protocol with a stand-in trainer ------------------------------------------------------------------
