@@ -1,7 +1,8 @@
-"""A finished-looking run folder without training: config.json, a best checkpoint of random weights, metrics.json.
+"""Models for tests without training: random B0 variables, and finished-looking run folders.
 
-For tests of what reads a run (explain, export, predict's provenance): training
-one would cost minutes of compiling the train step.
+A run folder holds config.json, a best checkpoint of random weights and
+metrics.json, for tests of what reads a run (explain, export, predict's
+provenance): training one would cost minutes of compiling the train step.
 """
 
 import json
