@@ -204,13 +204,16 @@ def crop_pixels(max_crop, crop_fraction, size):
     return int(round(crop_fraction * size)) if crop_fraction > 0 else int(max_crop)
 
 
-def _rotate_one(key, image, max_degrees):
+def _rotate_one(key, image, max_degrees, scale):
     h, w = image.shape[:2]
     angle = jnp.deg2rad(jax.random.uniform(key, (), minval=-max_degrees, maxval=max_degrees))
-    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    # The zoom's own key, so a run without it draws the same angles as before it existed.
+    lo, hi = np.log(scale[0]), np.log(scale[1])
+    zoom = jnp.exp(jax.random.uniform(jax.random.fold_in(key, 1), (), minval=lo, maxval=hi))
+    cos, sin = jnp.cos(angle) / zoom, jnp.sin(angle) / zoom
     y, x = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) - (h - 1) / 2,
                         jnp.arange(w, dtype=jnp.float32) - (w - 1) / 2, indexing="ij")
-    # Each output pixel samples the input at the inversely rotated position.
+    # Each output pixel samples the input at the inversely rotated and zoomed position.
     sy = cos * y - sin * x + (h - 1) / 2
     sx = sin * y + cos * x + (w - 1) / 2
     y0, x0 = jnp.floor(sy), jnp.floor(sx)
@@ -225,24 +228,29 @@ def _rotate_one(key, image, max_degrees):
             + wy * ((1 - wx) * tap(y0 + 1, x0) + wx * tap(y0 + 1, x0 + 1))).astype(image.dtype)
 
 
-def rotate(rng, images, *, max_degrees):
-    """Rotates each example by U(-max_degrees, max_degrees) about its centre.
+def rotate(rng, images, *, max_degrees, scale=(1.0, 1.0)):
+    """Rotates each example by U(-max_degrees, max_degrees) about its centre, and zooms it.
 
-    Bilinear, with mirrored borders so no black corners appear. Gathers only (no
-    scatter, no dynamic slicing), so it vectorises under vmap on every backend.
+    The zoom factor is drawn log-uniformly from `scale`: below 1 the glomerulus
+    shrinks, as in a crop taken with a wider margin or at a lower magnification;
+    above 1 it grows. One resampling does both. Bilinear, with mirrored borders so
+    no black corners appear. Gathers only (no scatter, no dynamic slicing), so it
+    vectorises under vmap on every backend.
 
     Args:
         rng: PRNG key.
         images: Float array (B, H, W, C).
         max_degrees: Largest rotation in degrees (static).
+        scale: (lowest, highest) zoom factor, both > 0 (static); (1, 1) does not zoom.
 
     Returns:
         Rotated images with the shape and dtype of `images`.
     """
-    if not max_degrees:
+    scale = (float(scale[0]), float(scale[1]))
+    if not max_degrees and scale == (1.0, 1.0):
         return images
     keys = jax.random.split(rng, images.shape[0])
-    return jax.vmap(functools.partial(_rotate_one, max_degrees=float(max_degrees)))(keys, images)
+    return jax.vmap(functools.partial(_rotate_one, max_degrees=float(max_degrees), scale=scale))(keys, images)
 
 
 def check_geometry(augment) -> None:
@@ -261,6 +269,12 @@ def check_geometry(augment) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or (hi is not None and v > hi):
             raise InputError(f"config field augment.{name}={v!r} must be a number in "
                              f"[{lo}, {hi if hi is not None else 'inf'}]")
+    scale = augment.get("scale", (1.0, 1.0))
+    if (not isinstance(scale, (tuple, list)) or len(scale) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
+            or not 0.25 <= scale[0] <= scale[1] <= 4.0):
+        raise InputError(f"config field augment.scale={scale!r} must be (lowest, highest) zoom factors "
+                         "with 0.25 <= lowest <= highest <= 4")
 
 
 def mixing_is_noop(per_device_batch):

@@ -101,6 +101,9 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     c.augment.translate = False  # reflect-pad and shift (no zoom) instead of crop-and-resize.
     c.augment.transpose = False  # with the two flips: all 8 symmetries of the square.
     c.augment.rotate_degrees = 0.0
+    # Zoom each image by a factor drawn log-uniformly from (lowest, highest); below 1 the
+    # glomerulus shrinks, as in a crop with a wider margin. (1, 1) = no zoom.
+    c.augment.scale = (1.0, 1.0)
     c.augment.colour = ml_collections.ConfigDict(
         {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0, "stain": 0.0, "grayscale": 0.0})
 

@@ -400,6 +400,7 @@ def training_summary(b) -> str:
     a = b.augment
     extra = [w for w, on in (("8 dihedral symmetries", a.transpose),
                              (f"rotation ±{a.rotate_degrees:g}°", a.rotate_degrees),
+                             (f"zoom {a.scale[0]:g}-{a.scale[1]:g}", tuple(a.scale) != (1.0, 1.0)),
                              ("colour and stain jitter", any(a.colour.values()))) if on]
     if extra:
         parts.append("augmentation: " + ", ".join(extra))

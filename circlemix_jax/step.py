@@ -236,14 +236,15 @@ def init_state(variables: dict, tx: optax.GradientTransformation, ema: bool = Fa
 
 
 def augment_geometry(config, rng: jax.Array, x: jax.Array) -> jax.Array:
-    """Flips, crop or shift, transpose and rotation of float images (B, H, W, C), as configured."""
+    """Flips, crop or shift, transpose, rotation and zoom of float images (B, H, W, C), as configured."""
     a = config.augment
     if a.basic:
         crop = augment.crop_pixels(a.max_crop, a.get("crop_fraction", 0.0), x.shape[1])
         x = augment.basic_augment(rng, x, max_crop=crop, transpose=a.get("transpose", False),
                                   translate=a.get("translate", False))
     # Extra keys by fold_in, so runs without these features draw exactly as before.
-    return augment.rotate(jax.random.fold_in(rng, 1), x, max_degrees=a.get("rotate_degrees", 0.0))
+    return augment.rotate(jax.random.fold_in(rng, 1), x, max_degrees=a.get("rotate_degrees", 0.0),
+                          scale=tuple(a.get("scale", (1.0, 1.0))))
 
 
 def augment_colour(config, rng: jax.Array, x: jax.Array) -> jax.Array:

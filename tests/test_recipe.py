@@ -46,7 +46,8 @@ def test_scratch_combines_with_a_method_and_passes_its_checks():
 @pytest.mark.parametrize("field,value", [("optim.schedule", "linear"), ("optim.warmup_epochs", 99.0),
                                          ("optim.weight_decay", -1e-4), ("optim.ema_decay", 1.0),
                                          ("augment.rotate_degrees", -5.0), ("augment.crop_fraction", 0.9),
-                                         ("augment.colour.hue", 0.7)])
+                                         ("augment.colour.hue", 0.7), ("augment.scale", (1.2, 0.9)),
+                                         ("augment.scale", (0.1, 1.0)), ("augment.scale", (0.8,))])
 def test_bad_recipe_fields_are_named(field, value):
     c = defaults.get_config("binary", "scratch")
     section, _, name = field.rpartition(".")
@@ -216,26 +217,45 @@ def test_crop_scales_with_the_image():
     assert augment.crop_pixels(16, 16 / 256, 256) == 16 and augment.crop_pixels(16, 16 / 256, 128) == 8
 
 
-def test_rotation_against_map_coordinates():
+@pytest.mark.parametrize("deg,scale", [(20.0, (1.0, 1.0)), (20.0, (0.6, 1.3)), (0.0, (0.5, 0.7))])
+def test_rotation_and_zoom_against_map_coordinates(deg, scale):
     from scipy import ndimage
 
-    n, deg = 17, 20.0
+    n = 17
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(3, n, n, 2)).astype(np.float32))
     np.testing.assert_array_equal(augment.rotate(jax.random.key(0), x, max_degrees=0.0), x)
-    out = np.asarray(jax.jit(augment.rotate, static_argnames="max_degrees")(jax.random.key(4), x, max_degrees=deg))
+    fn = jax.jit(augment.rotate, static_argnames=("max_degrees", "scale"))
+    out = np.asarray(fn(jax.random.key(4), x, max_degrees=deg, scale=scale))
     keys = jax.random.split(jax.random.key(4), 3)
     c = (n - 1) / 2
     yy, xx = np.meshgrid(np.arange(n) - c, np.arange(n) - c, indexing="ij")
-    inner = np.hypot(yy, xx) < c - 1  # the disc whose sources stay inside the image
     for i in range(3):
         a = np.deg2rad(float(jax.random.uniform(keys[i], (), minval=-deg, maxval=deg)))
-        assert abs(a) > 0.01
-        src = [np.cos(a) * yy - np.sin(a) * xx + c, np.sin(a) * yy + np.cos(a) * xx + c]
+        u = float(jax.random.uniform(jax.random.fold_in(keys[i], 1), ()))
+        zoom = scale[0] * (scale[1] / scale[0]) ** u  # log-uniform
+        assert deg == 0 or abs(a) > 0.01
+        assert scale[0] <= zoom <= scale[1]
+        # An output pixel at distance r from the centre samples the input at r / zoom.
+        src = [(np.cos(a) * yy - np.sin(a) * xx) / zoom + c, (np.sin(a) * yy + np.cos(a) * xx) / zoom + c]
+        inner = (np.hypot(yy, xx) / zoom < c - 1)  # the disc whose sources stay inside the image
+        assert inner.sum() > 30
         for ch in range(2):
             ref = ndimage.map_coordinates(np.asarray(x[i, ..., ch]), src, order=1)
             np.testing.assert_allclose(out[i, ..., ch][inner], ref[inner], atol=1e-5)
     const = jnp.full((2, n, n, 3), 0.7)
-    np.testing.assert_allclose(augment.rotate(jax.random.key(0), const, max_degrees=30.0), const, atol=1e-6)
+    np.testing.assert_allclose(fn(jax.random.key(0), const, max_degrees=30.0, scale=scale), const, atol=1e-6)
+
+
+def test_zoom_out_shrinks_a_centred_disc_about_the_centre():
+    # Zoomed by 0.75 a disc covers 0.5625 of its area and stays centred. The disc is small
+    # enough that the mirrored borders (sources up to 16 / 0.75 px out) never reach it.
+    n = 33
+    yy, xx = np.meshgrid(np.arange(n) - 16.0, np.arange(n) - 16.0, indexing="ij")
+    disc = (np.hypot(yy, xx) < 5).astype(np.float32)[None, ..., None]
+    out = np.asarray(augment.rotate(jax.random.key(1), jnp.asarray(disc), max_degrees=0.0,
+                                    scale=(0.75, 0.75)))[0, ..., 0]
+    assert abs(out.sum() / disc.sum() - 0.5625) < 0.05
+    assert abs((out * yy).sum() / out.sum()) < 1e-3 and abs((out * xx).sum() / out.sum()) < 1e-3
 
 
 def test_paper_geometry_draws_are_unchanged_by_the_new_options():
