@@ -87,3 +87,28 @@ def smoke_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
             log.write_text(json.dumps({"stdout": result.stdout, "stderr": result.stderr}))
         out = json.loads(log.read_text())
     return str(workdir), subprocess.CompletedProcess(SMOKE, 0, out["stdout"], out["stderr"])
+
+
+SCRATCH = ("circlemix_jax.main", "--config=configs/binary.py:scratch,smoke")
+
+
+@pytest.fixture(scope="session")
+def scratch_run(tmp_path_factory, synthetic_manifest) -> tuple[str, str]:
+    """One finished `configs/binary.py:scratch,smoke` run on the synthetic manifest, trained once per session.
+
+    The recipe's run (EMA, logit-adjusted loss, every augmentation): test_recipe
+    resumes a killed copy of it and test_hostile_inputs damages and re-runs
+    private copies. Nobody may change it. Returns (workdir, the manifest it was
+    trained on), the manifest being the one of the worker that trained it.
+    """
+    with shared_dir(tmp_path_factory, "scratch") as folder:
+        record = folder / "run.json"
+        if not record.exists():
+            folder.mkdir(exist_ok=True)
+            workdir = str(folder / "run")
+            result = run_cli(*SCRATCH, f"--workdir={workdir}", f"--config.data.manifest={synthetic_manifest}",
+                             timeout=1200)
+            assert result.returncode == 0, result.stderr[-3000:]
+            record.write_text(json.dumps({"workdir": workdir, "manifest": synthetic_manifest}))
+        out = json.loads(record.read_text())
+    return out["workdir"], out["manifest"]

@@ -22,6 +22,7 @@ from circlemix_jax import config_check, data, defaults, rundir
 from circlemix_jax.errors import InputError
 
 SMOKE = "configs/binary.py:smoke"
+FINISHED = "configs/binary.py:scratch,smoke"  # the config of `scratch_run`
 
 
 def _rows(manifest):
@@ -192,22 +193,17 @@ def test_experiments_and_predict_flag_errors_are_one_line(tmp_path):
 
 # --- a finished run, re-run on changed data ------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, synthetic_manifest):
-    """A finished smoke run on a private copy of the synthetic manifest: (workdir, manifest)."""
-    root = tmp_path_factory.mktemp("finished")
-    manifest = _write(root / "m.csv", _rows(synthetic_manifest))
-    workdir = str(root / "run")
-    result = _train(f"--config={SMOKE}", f"--workdir={workdir}", f"--config.data.manifest={manifest}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, manifest
+@pytest.fixture
+def finished(scratch_run):
+    """A finished run (`scratch_run`, the recipe's smoke run) and its manifest; tests change only `_copy`s."""
+    return scratch_run
 
 
 def _copy(finished, tmp_path):
     """A private copy of the finished run whose config names a private copy of its manifest."""
     workdir, manifest = finished
     shutil.copytree(workdir, tmp_path / "run")
-    shutil.copy(manifest, tmp_path / "m.csv")
+    _write(tmp_path / "m.csv", _rows(manifest))  # absolute paths: the copy lives elsewhere
     config = rundir.read_json(str(tmp_path / "run" / "config.json"), "config")
     config["data"]["manifest"] = str(tmp_path / "m.csv")
     rundir.write_json(str(tmp_path / "run" / "config.json"), config)
@@ -225,7 +221,7 @@ def test_a_grown_manifest_is_refused_and_nothing_leaks(tmp_path, finished):
     _write(manifest, rows + extra)
     before = _listing(workdir)
     # The rerun must not train on the recorded split's train images and test on others: it must refuse.
-    _one_line(_train(f"--config={SMOKE}", f"--workdir={workdir}", f"--config.data.manifest={manifest}"), 2,
+    _one_line(_train(f"--config={FINISHED}", f"--workdir={workdir}", f"--config.data.manifest={manifest}"), 2,
               "the data changed", workdir)
     assert _listing(workdir) == before
 
@@ -248,7 +244,7 @@ def test_changed_pixels_are_refused(tmp_path, finished):
     rundir.write_json(os.path.join(workdir, "split.json"), moved)
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(rows[0]["path"])  # one image's content changes
     before = _listing(workdir)
-    _one_line(_train(f"--config={SMOKE}", f"--workdir={workdir}", f"--config.data.manifest={manifest}"), 2,
+    _one_line(_train(f"--config={FINISHED}", f"--workdir={workdir}", f"--config.data.manifest={manifest}"), 2,
               "changed since the run was made")
     assert _listing(workdir) == before
 
@@ -278,7 +274,7 @@ def test_damaged_latest_falls_back_and_finishes(tmp_path, finished):
     latest = _step_folders(workdir, "latest")
     assert len(latest) == 2, latest  # the previous step is kept to fall back on
     _damage(latest[-1])
-    result = _train(f"--config={SMOKE}", f"--workdir={workdir}", f"--config.data.manifest={manifest}")
+    result = _train(f"--config={FINISHED}", f"--workdir={workdir}", f"--config.data.manifest={manifest}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stdout + result.stderr
     assert "is damaged" in result.stdout and latest[-1] in result.stdout, result.stdout[-3000:]
@@ -293,7 +289,7 @@ def test_all_checkpoints_damaged_is_one_line_naming_the_folder(tmp_path, finishe
     for kind in ("latest", "best"):
         for folder in _step_folders(workdir, kind):
             _damage(folder)
-    _one_line(_train(f"--config={SMOKE}", f"--workdir={workdir}", f"--config.data.manifest={manifest}"), 2,
+    _one_line(_train(f"--config={FINISHED}", f"--workdir={workdir}", f"--config.data.manifest={manifest}"), 2,
               "is damaged", os.path.join(workdir, "checkpoints"), "delete")
     assert not os.path.exists(os.path.join(workdir, rundir.LOCK))
 

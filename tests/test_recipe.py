@@ -282,7 +282,7 @@ def test_label_smoothing_with_every_method(method):
 
 # --- exact resume with EMA on ---------------------------------------------------
 
-def test_exact_resume_with_ema_after_sigkill(tmp_path):
+def test_exact_resume_with_ema_after_sigkill(tmp_path, scratch_run):
     """The EMA lives in the checkpointed state: a killed and resumed run predicts exactly as an uninterrupted one."""
     import json
     import os
@@ -291,14 +291,13 @@ def test_exact_resume_with_ema_after_sigkill(tmp_path):
     import sys
     import time
 
-    from conftest import CACHE, REPO, run_cli
+    from conftest import CACHE, REPO, SCRATCH, run_cli
 
-    cmd = ("circlemix_jax.main", "--config=configs/binary.py:scratch,smoke")
-    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    assert run_cli(*cmd, f"--workdir={whole}", timeout=1200).returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", *cmd, f"--workdir={killed}"], cwd=REPO,
-                            env=dict(os.environ, CIRCLEMIX_CACHE=CACHE), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    whole, manifest = scratch_run  # the uninterrupted run, trained once for the session
+    killed = str(tmp_path / "killed")
+    cmd = (*SCRATCH, f"--config.data.manifest={manifest}", f"--workdir={killed}")
+    proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=REPO, env=dict(os.environ, CIRCLEMIX_CACHE=CACHE),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = os.path.join(killed, "checkpoints", "latest")
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
@@ -309,7 +308,7 @@ def test_exact_resume_with_ema_after_sigkill(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(os.path.join(killed, "metrics.json"))
-    resumed = run_cli(*cmd, f"--workdir={killed}", timeout=1200)
+    resumed = run_cli(*cmd, timeout=1200)
     assert resumed.returncode == 0 and "resuming from step" in resumed.stdout, resumed.stderr[-3000:]
     with open(os.path.join(whole, "test_predictions.csv")) as a:
         with open(os.path.join(killed, "test_predictions.csv")) as b:
