@@ -21,10 +21,34 @@ from conftest import CACHE, REPO, SMOKE
 TIMEOUT = 600
 
 
-def _start(workdir: str, *extra: str) -> subprocess.Popen:
-    """Starts a run; its output goes to files, so runs nobody is reading yet never block on a pipe."""
+# Run as `python -c`: records, at every save of `latest` made after a best epoch, which best
+# checkpoints are committed on disk (one JSON line per save, to the file named by argv[1]).
+_SAVES_PROBE = """
+import json, os, sys
+from circlemix_jax import checkpoint, main
+log, workdir = sys.argv[1], sys.argv[3].split("=", 1)[1]
+original = checkpoint.RunCheckpoints.save
+def save(self, kind, step, state, progress):
+    if kind == checkpoint.LATEST and progress["best_epoch"] >= 0:
+        best = os.path.join(workdir, "checkpoints", "best")
+        with open(log, "a") as f:
+            f.write(json.dumps([step, sorted(int(d) for d in os.listdir(best) if d.isdigit())]) + "\\n")
+    return original(self, kind, step, state, progress)
+checkpoint.RunCheckpoints.save = save
+sys.argv = ["main", *sys.argv[2:]]
+main.run()
+"""
+
+
+def _start(workdir: str, *extra: str, saves_log: str = "") -> subprocess.Popen:
+    """Starts a run; its output goes to files, so runs nobody is reading yet never block on a pipe.
+
+    With `saves_log`, the run goes through `_SAVES_PROBE`, which appends a line there at
+    each `latest` save.
+    """
     logs = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", *SMOKE, f"--workdir={workdir}", *extra], cwd=REPO,
+    head = ["-c", _SAVES_PROBE, saves_log, SMOKE[1]] if saves_log else ["-m", *SMOKE]
+    proc = subprocess.Popen([sys.executable, *head, f"--workdir={workdir}", *extra], cwd=REPO,
                             env=dict(os.environ, CIRCLEMIX_CACHE=CACHE), text=True, stdout=logs[0], stderr=logs[1])
     proc.logs = logs
     return proc
@@ -80,20 +104,28 @@ def _saved_step(result, name: str, code: int) -> int:
 
 
 def test_sigterm_and_sigint_save_exit_and_resume_exactly(smoke_run, tmp_path):
-    stopped = str(tmp_path / "preempted")
+    """Preempted, interrupted and resumed twice, a run ends as the uninterrupted one did.
+
+    Its runs also check the race behind a flaky SIGKILL resume: `latest` (with progress
+    naming the best epoch) must only be written once the best checkpoint it refers to is
+    committed, or a kill in between leaves a run that resumes, never improves again, and
+    ends with no best checkpoint to test.
+    """
+    stopped, saves = str(tmp_path / "preempted"), str(tmp_path / "saves.jsonl")
     # Preempted mid-epoch 1 of 2 (12 steps each): the resume restarts inside an epoch.
-    step = _saved_step(_stop_when(_start(stopped), "compiled the train step", signal.SIGTERM), "SIGTERM", 0)
+    step = _saved_step(_stop_when(_start(stopped, saves_log=saves), "compiled the train step", signal.SIGTERM),
+                       "SIGTERM", 0)
     assert 0 < step < 12, step
     assert _steps(os.path.join(stopped, "checkpoints", "latest")) == [step]
     assert not os.path.exists(os.path.join(stopped, "metrics.json"))
 
     # Ctrl-C in epoch 2 of the resumed run: saved too, exit 130.
-    resumed = _stop_when(_start(stopped), "epoch 1/2  val", signal.SIGINT)
+    resumed = _stop_when(_start(stopped, saves_log=saves), "epoch 1/2  val", signal.SIGINT)
     assert f"resuming from step {step} " in resumed.stdout, resumed.stdout[-2000:]
     step2 = _saved_step(resumed, "SIGINT", 130)
     assert 12 <= step2 <= 24, step2
 
-    last = _finish(_start(stopped))
+    last = _finish(_start(stopped, saves_log=saves))
     assert last.returncode == 0, last.stderr[-3000:]
     assert f"resuming from step {step2} " in last.stdout, last.stdout[-2000:]
     assert _steps(os.path.join(stopped, "checkpoints", "latest"))[-1] == 24
@@ -101,6 +133,12 @@ def test_sigterm_and_sigint_save_exit_and_resume_exactly(smoke_run, tmp_path):
     a, b = _metrics(smoke_run[0]), _metrics(stopped)
     assert a.pop("best_val_balanced_accuracy") == pytest.approx(b.pop("best_val_balanced_accuracy"))
     assert a == b
+
+    with open(saves) as f:
+        recorded = [json.loads(line) for line in f]
+    assert any(s == 24 for s, _ in recorded), recorded  # at least the epoch-end saves after a best epoch
+    for s, committed_best in recorded:
+        assert committed_best and max(committed_best) <= s, (s, committed_best)
 
 
 @pytest.fixture(scope="module")
@@ -204,31 +242,3 @@ def test_storage_errors_from_orbax_become_one_line():
     err = _storage_error(OSError(30, "Read-only file system"), "could not finish saving a checkpoint")
     assert "Read-only file system" in str(err)
     assert _storage_error(ValueError("shape mismatch"), "x") is None
-
-
-def test_latest_never_points_at_a_best_checkpoint_that_is_not_on_disk(tmp_path):
-    """The race behind a flaky SIGKILL resume: `latest` (with progress naming the best epoch) must
-    only be written once the best checkpoint it refers to is committed, or a kill in between leaves a
-    run that resumes, never improves again, and ends with no best checkpoint to test."""
-    workdir, log = tmp_path / "run", tmp_path / "saves.jsonl"
-    probe = f"""
-import json, os, sys
-from circlemix_jax import checkpoint, main
-original = checkpoint.RunCheckpoints.save
-def save(self, kind, step, state, progress):
-    if kind == checkpoint.LATEST and progress["best_epoch"] >= 0:
-        best = os.path.join({str(workdir)!r}, "checkpoints", "best")
-        with open({str(log)!r}, "a") as f:
-            f.write(json.dumps([step, sorted(int(d) for d in os.listdir(best) if d.isdigit())]) + "\\n")
-    return original(self, kind, step, state, progress)
-checkpoint.RunCheckpoints.save = save
-sys.argv = ["main", "--config=configs/c5.py:smoke", "--workdir={workdir}"]
-main.run()
-"""
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
-                            env=dict(os.environ, CIRCLEMIX_CACHE=CACHE), timeout=TIMEOUT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    saves = [json.loads(line) for line in log.read_text().splitlines()]
-    assert saves, "no latest save after a best epoch was recorded"
-    for step, committed_best in saves:
-        assert committed_best and max(committed_best) <= step, (step, committed_best)
