@@ -76,7 +76,10 @@ def configure_compilation_cache() -> None:
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    # Every program, not only the slow ones: a run compiles dozens that take 0.1-2 s each (the
+    # init, the eval step, small array ops), and reading them back is faster. They add a few
+    # kB each to the cache.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _env_int(name: str) -> int | None:

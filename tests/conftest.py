@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # subprocesses, which use CIRCLEMIX_CACHE/xla) are compiled once.
 CACHE = os.path.join(REPO, ".pytest_cache", "circlemix")
 jax.config.update("jax_compilation_cache_dir", os.path.join(CACHE, "xla"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # as cli.configure_compilation_cache
 
 SHARED_DATA = os.environ.get(
     "CIRCLEMIX_SHARED_DATA",
