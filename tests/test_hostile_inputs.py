@@ -345,7 +345,8 @@ def test_a_second_run_on_a_busy_workdir_refuses_at_once(tmp_path, synthetic_mani
         while not (workdir / rundir.LOCK).exists() and time.time() < deadline:
             time.sleep(0.2)
         assert (workdir / rundir.LOCK).exists()
-        second = _train(f"--config={SMOKE}", f"--workdir={workdir}", "--config.num_epochs=20", timeout=120)
+        # It must refuse without waiting for the lock; the generous timeout only covers a loaded machine.
+        second = _train(f"--config={SMOKE}", f"--workdir={workdir}", "--config.num_epochs=20", timeout=300)
         _one_line(second, 2, f"pid {first.pid}", "in use")
         assert first.poll() is None
     finally:

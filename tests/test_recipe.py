@@ -301,7 +301,10 @@ def test_exact_resume_with_ema_after_sigkill(tmp_path, scratch_run):
     latest = os.path.join(killed, "checkpoints", "latest")
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(latest) and any(d.isdigit() for d in os.listdir(latest)):
+        # A step folder is whole once Orbax has written its commit marker; killing before
+        # that leaves nothing to resume from, and the rerun would start over.
+        if os.path.isdir(latest) and any(d.isdigit() and os.path.exists(os.path.join(latest, d, "commit_success.txt"))
+                                         for d in os.listdir(latest)):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before its first checkpoint; cannot test a kill"
