@@ -8,7 +8,7 @@ Arguments (the part after ':' in --config, comma-separated):
   smoke      a tiny run for tests (32 px, 2 epochs)
   scratch    the recommended recipe without ImageNet weights (`defaults.scratch`): cosine lr with
              warm-up, Nesterov, weight decay, EMA weights, label smoothing, logit-adjusted loss,
-             the best epoch chosen from the second half, 8 dihedral views, small rotations,
+             the best epoch chosen from the second half, 8 dihedral views, small rotations, zoom,
              colour and stain jitter, each image standardised in optical density,
              at 96 px for 30 epochs; sized to train one fold
              of the public set in under 30 minutes on a 2-core CPU
@@ -18,7 +18,7 @@ Arguments (the part after ':' in --config, comma-separated):
 Prints a line per epoch, then the TEST line with per-class recall and the 2x2
 confusion matrix of the fold. The result this command gave on fold 0 of the
 public set, over two seeds, and with each centre held out, is in docs/RESULTS.md
-("Each image standardised in optical density"), with the wall times.
+("Zoom", the first section), with the wall times.
 """
 
 from circlemix_jax import defaults

@@ -28,6 +28,7 @@ def test_paper_defaults_leave_every_recipe_feature_off():
         assert c.optim.weight_decay == 0.0 and c.optim.ema_decay == 0.0 and c.mix.label_smoothing == 0.0
         assert not c.augment.transpose and not c.augment.translate and c.augment.rotate_degrees == 0.0
         assert c.augment.crop_fraction == 0.0 and c.augment.max_crop == 16
+        assert tuple(c.augment.scale) == (1.0, 1.0)
         assert not any(c.augment.colour.values())
         config_check.check_run_config(c)
 
