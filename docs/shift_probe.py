@@ -122,17 +122,18 @@ def write_shifted(run: str, out: str) -> tuple[str, dict]:
     by_subject: dict[str, list[str]] = {}
     for p in paths:
         by_subject.setdefault(rows[p]["subject"], []).append(p)
-    truth, lines = {}, []
-    for i, (name, fn) in enumerate(SHIFTS.items()):
-        folder = os.path.join(out, f"shift{i:02d}")
+    folders = [os.path.join(out, f"shift{i:02d}") for i in range(len(SHIFTS))]
+    for folder in folders:
         os.makedirs(folder, exist_ok=True)
-        for j, p in enumerate(paths):
-            same = by_subject[rows[p]["subject"]]
-            neighbour = Image.open(same[(same.index(p) + 1) % len(same)]).convert("RGB")
-            image = Image.open(p).convert("RGB")
+    truth, lines = {}, []
+    for j, p in enumerate(paths):  # each image and its neighbour are read once, for every shift
+        same = by_subject[rows[p]["subject"]]
+        image = Image.open(p).convert("RGB")
+        neighbour = Image.open(same[(same.index(p) + 1) % len(same)]).convert("RGB").resize(image.size)
+        label = rows[p]["label"]
+        for folder, (name, fn) in zip(folders, SHIFTS.items()):
             q = os.path.join(folder, f"{j:05d}.png")
-            fn(image, neighbour.resize(image.size)).save(q)
-            label = rows[p]["label"]
+            fn(image, neighbour).save(q)
             truth[q] = (name, label_map.get(label, label))
             lines.append({"path": q, "subject": rows[p]["subject"], "label": label})
     probe_manifest = os.path.join(out, "manifest.csv")

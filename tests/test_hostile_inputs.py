@@ -15,14 +15,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import CACHE, REPO, run_cli
+from conftest import CACHE, REPO, SCRATCH, run_cli
 from PIL import Image
 
 from circlemix_jax import config_check, data, defaults, rundir
 from circlemix_jax.errors import InputError
 
 SMOKE = "configs/binary.py:smoke"
-FINISHED = "configs/binary.py:scratch,smoke"  # the config of `scratch_run`
 
 
 def _rows(manifest):
@@ -193,15 +192,9 @@ def test_experiments_and_predict_flag_errors_are_one_line(tmp_path):
 
 # --- a finished run, re-run on changed data ------------------------------------------------------
 
-@pytest.fixture
-def finished(scratch_run):
-    """A finished run (`scratch_run`, the recipe's smoke run) and its manifest; tests change only `_copy`s."""
-    return scratch_run
-
-
-def _copy(finished, tmp_path):
-    """A private copy of the finished run whose config names a private copy of its manifest."""
-    workdir, manifest = finished
+def _copy(scratch_run, tmp_path):
+    """A private copy of the shared finished run whose config names a private copy of its manifest."""
+    workdir, manifest = scratch_run
     shutil.copytree(workdir, tmp_path / "run")
     _write(tmp_path / "m.csv", _rows(manifest))  # absolute paths: the copy lives elsewhere
     config = rundir.read_json(str(tmp_path / "run" / "config.json"), "config")
@@ -210,8 +203,8 @@ def _copy(finished, tmp_path):
     return str(tmp_path / "run"), str(tmp_path / "m.csv")
 
 
-def test_a_grown_manifest_is_refused_and_nothing_leaks(tmp_path, finished):
-    workdir, manifest = _copy(finished, tmp_path)
+def test_a_grown_manifest_is_refused_and_nothing_leaks(tmp_path, scratch_run):
+    workdir, manifest = _copy(scratch_run, tmp_path)
     os.remove(os.path.join(workdir, "metrics.json"))  # "delete metrics.json to re-evaluate"
     rows = _rows(manifest)
     extra = [dict(r, subject=f"NEW{i % 4}") for i, r in enumerate(rows[:20])]
@@ -221,13 +214,13 @@ def test_a_grown_manifest_is_refused_and_nothing_leaks(tmp_path, finished):
     _write(manifest, rows + extra)
     before = _listing(workdir)
     # The rerun must not train on the recorded split's train images and test on others: it must refuse.
-    _one_line(_train(f"--config={FINISHED}", f"--workdir={workdir}", f"--config.data.manifest={manifest}"), 2,
+    _one_line(_train(SCRATCH[1], f"--workdir={workdir}", f"--config.data.manifest={manifest}"), 2,
               "the data changed", workdir)
     assert _listing(workdir) == before
 
 
-def test_changed_pixels_are_refused(tmp_path, finished):
-    workdir, manifest = _copy(finished, tmp_path)
+def test_changed_pixels_are_refused(tmp_path, scratch_run):
+    workdir, manifest = _copy(scratch_run, tmp_path)
     os.remove(os.path.join(workdir, "metrics.json"))
     # Move the run's images to private copies (same rows, new folder), so one can be changed.
     rows = _rows(manifest)
@@ -244,7 +237,7 @@ def test_changed_pixels_are_refused(tmp_path, finished):
     rundir.write_json(os.path.join(workdir, "split.json"), moved)
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(rows[0]["path"])  # one image's content changes
     before = _listing(workdir)
-    _one_line(_train(f"--config={FINISHED}", f"--workdir={workdir}", f"--config.data.manifest={manifest}"), 2,
+    _one_line(_train(SCRATCH[1], f"--workdir={workdir}", f"--config.data.manifest={manifest}"), 2,
               "changed since the run was made")
     assert _listing(workdir) == before
 
@@ -267,14 +260,14 @@ def _step_folders(workdir, kind):
                   key=lambda p: int(os.path.basename(p)))
 
 
-def test_damaged_latest_falls_back_and_finishes(tmp_path, finished):
-    workdir, manifest = _copy(finished, tmp_path)
+def test_damaged_latest_falls_back_and_finishes(tmp_path, scratch_run):
+    workdir, manifest = _copy(scratch_run, tmp_path)
     expected = rundir.read_json(os.path.join(workdir, "metrics.json"), "metrics")
     os.remove(os.path.join(workdir, "metrics.json"))
     latest = _step_folders(workdir, "latest")
     assert len(latest) == 2, latest  # the previous step is kept to fall back on
     _damage(latest[-1])
-    result = _train(f"--config={FINISHED}", f"--workdir={workdir}", f"--config.data.manifest={manifest}")
+    result = _train(SCRATCH[1], f"--workdir={workdir}", f"--config.data.manifest={manifest}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stdout + result.stderr
     assert "is damaged" in result.stdout and latest[-1] in result.stdout, result.stdout[-3000:]
@@ -283,19 +276,19 @@ def test_damaged_latest_falls_back_and_finishes(tmp_path, finished):
     assert got["confusion_matrix"] == expected["confusion_matrix"]
 
 
-def test_all_checkpoints_damaged_is_one_line_naming_the_folder(tmp_path, finished):
-    workdir, manifest = _copy(finished, tmp_path)
+def test_all_checkpoints_damaged_is_one_line_naming_the_folder(tmp_path, scratch_run):
+    workdir, manifest = _copy(scratch_run, tmp_path)
     os.remove(os.path.join(workdir, "metrics.json"))
     for kind in ("latest", "best"):
         for folder in _step_folders(workdir, kind):
             _damage(folder)
-    _one_line(_train(f"--config={FINISHED}", f"--workdir={workdir}", f"--config.data.manifest={manifest}"), 2,
+    _one_line(_train(SCRATCH[1], f"--workdir={workdir}", f"--config.data.manifest={manifest}"), 2,
               "is damaged", os.path.join(workdir, "checkpoints"), "delete")
     assert not os.path.exists(os.path.join(workdir, rundir.LOCK))
 
 
-def test_predict_on_a_damaged_best_is_one_line(tmp_path, finished):
-    workdir, manifest = _copy(finished, tmp_path)
+def test_predict_on_a_damaged_best_is_one_line(tmp_path, scratch_run):
+    workdir, manifest = _copy(scratch_run, tmp_path)
     _damage(_step_folders(workdir, "best")[-1])
     _one_line(run_cli("circlemix_jax.predict", f"--workdir={workdir}", f"--manifest={manifest}",
                       f"--out={tmp_path / 'p.csv'}"), 2, "damaged", workdir)
