@@ -12,6 +12,10 @@ stain instead of the glomerulus. These jitters make colour an unreliable cue:
   H&E, but any invertible basis of OD space works: scaling one stain's
   concentration changes that stain's intensity, which is what differs between
   labs, while the tissue structure (where each stain sits) is untouched.
+- `jitter_density`: a random power of each image's optical density. The
+  per-image OD input (`model_input`) cancels a scale and offset of the density,
+  but not how a lab's heavy staining compresses dense regions against light
+  ones; a power changes exactly that ratio.
 - `grayscale`: with some probability, an example loses its colour entirely.
 
 All are pure functions `(rng, images) -> images`, drawn independently for each
@@ -140,6 +144,30 @@ def jitter_stain(rng, images, *, strength=0.0):
     return od_stains_to_rgb(c * scale + shift).astype(images.dtype)
 
 
+def jitter_density(rng, images, *, strength=0.0):
+    """Raises each example's optical density to a random power, od -> od ** g.
+
+    g is drawn log-uniformly from [1 / (1 + s), 1 + s]. Below 1 it lifts faint
+    density towards the dense (a heavily stained slide, where the tuft reads as
+    one dark mass); above 1 it does the reverse. A scale and offset of the density
+    cancel in the `od_per_image` input; this nonlinear change does not, so the
+    network must learn to read glomeruli at both.
+
+    Args:
+        rng: PRNG key.
+        images: Float RGB images (B, H, W, 3) in [0, 1].
+        strength: s >= 0 (static); 0 returns the images unchanged.
+
+    Returns:
+        Images of the same shape and dtype, in [0, 1].
+    """
+    if not strength:
+        return images
+    log_g = jax.random.uniform(rng, (images.shape[0], 1, 1, 1), minval=-1.0, maxval=1.0) * np.log1p(strength)
+    od = -jnp.log(jnp.maximum(images.astype(jnp.float32), _MIN_LIGHT))
+    return jnp.exp(-(od ** jnp.exp(log_g))).astype(images.dtype)
+
+
 def grayscale(rng, images, *, prob=0.0):
     """Replaces each example by its grey image (3 equal channels) with probability `prob`."""
     if not prob:
@@ -151,10 +179,12 @@ def grayscale(rng, images, *, prob=0.0):
 def augment(rng, images, options):
     """Every jitter of `options` (a `config.augment.colour` mapping) in a fixed order.
 
-    Stain first (it models the slide), then the camera-like jitters, then grey.
+    Stain and density first (they model the slide), then the camera-like jitters, then grey.
     """
     k_stain, k_colour, k_gray = jax.random.split(rng, 3)
     x = jitter_stain(k_stain, images, strength=options.get("stain", 0.0))
+    # Its own key from the stain's, so adding it left every other draw as it was.
+    x = jitter_density(jax.random.fold_in(k_stain, 1), x, strength=options.get("density", 0.0))
     x = jitter_colour(k_colour, x, brightness=options.get("brightness", 0.0), contrast=options.get("contrast", 0.0),
                       saturation=options.get("saturation", 0.0), hue=options.get("hue", 0.0))
     return grayscale(k_gray, x, prob=options.get("grayscale", 0.0))
@@ -208,9 +238,9 @@ def is_off(options) -> bool:
 
 
 # Field -> (low, high) inclusive, and why the bound: a factor 1 - s must stay > 0,
-# a hue shift of half a turn already reaches every hue.
+# a hue shift of half a turn already reaches every hue, a density power beyond 1/2..2 is not tissue.
 RANGES = {"brightness": (0.0, 0.99), "contrast": (0.0, 0.99), "saturation": (0.0, 1.0), "hue": (0.0, 0.5),
-          "stain": (0.0, 0.99), "grayscale": (0.0, 1.0)}
+          "stain": (0.0, 0.99), "density": (0.0, 1.0), "grayscale": (0.0, 1.0)}
 
 
 def check_options(options) -> None:

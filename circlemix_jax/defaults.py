@@ -105,7 +105,8 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     # glomerulus shrinks, as in a crop with a wider margin. (1, 1) = no zoom.
     c.augment.scale = (1.0, 1.0)
     c.augment.colour = ml_collections.ConfigDict(
-        {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0, "stain": 0.0, "grayscale": 0.0})
+        {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0, "stain": 0.0, "density": 0.0,
+         "grayscale": 0.0})
 
     c.mix = ml_collections.ConfigDict()
     c.mix.method = "none" if not methods or methods[0] == "baseline" else methods[0]

@@ -10,11 +10,13 @@ import pytest
 from circlemix_jax import colour
 from circlemix_jax.errors import InputError
 
-STRONG = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.5, "hue": 0.1, "stain": 0.5, "grayscale": 0.3}
+STRONG = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.5, "hue": 0.1, "stain": 0.5, "density": 0.5,
+          "grayscale": 0.3}
 FUNCTIONS = {
     "colour": lambda k, x, s: colour.jitter_colour(k, x, brightness=0.3 * s, contrast=0.3 * s, saturation=0.5 * s,
                                                    hue=0.1 * s),
     "stain": lambda k, x, s: colour.jitter_stain(k, x, strength=0.5 * s),
+    "density": lambda k, x, s: colour.jitter_density(k, x, strength=0.5 * s),
     "grayscale": lambda k, x, s: colour.grayscale(k, x, prob=0.5 * s),
     "all": lambda k, x, s: colour.augment(k, x, {n: v * s for n, v in STRONG.items()}),
 }
@@ -111,8 +113,24 @@ def test_stain_jitter_scales_each_stain_concentration():
         np.testing.assert_allclose(c_out[i][unclipped[i]], expect[unclipped[i]], atol=1e-4)
 
 
-@pytest.mark.parametrize("field,value", [("hue", 0.6), ("stain", -0.1), ("brightness", 1.0), ("grayscale", True),
-                                         ("saturation", "a lot"), ("sharpness", 0.1)])
+def test_density_jitter_is_a_power_of_each_images_optical_density():
+    x = _images(4) * 0.9 + 0.05
+    out = np.asarray(colour.jitter_density(jax.random.key(5), x, strength=0.5))
+    g = np.exp(np.log(1.5) * np.asarray(jax.random.uniform(jax.random.key(5), (4, 1, 1, 1), minval=-1, maxval=1)))
+    assert (g > 1 / 1.5 - 1e-6).all() and (g < 1.5 + 1e-6).all() and np.ptp(g) > 0.1
+    np.testing.assert_allclose(-np.log(out), (-np.log(np.asarray(x))) ** g, rtol=1e-4, atol=1e-5)
+    # Not a scale and offset of the density: the optical-density input does not cancel it,
+    # yet each image keeps the order of its pixels' densities.
+    before = np.asarray(colour.model_input(_data("od_per_image"), x))
+    after = np.asarray(colour.model_input(_data("od_per_image"), jnp.asarray(out)))
+    assert np.abs(after - before).max() > 0.1
+    for i in range(4):
+        order = np.argsort(before[i, ..., 1], axis=None)
+        assert (np.diff(after[i, ..., 1].ravel()[order]) >= -1e-4).all()
+
+
+@pytest.mark.parametrize("field,value", [("hue", 0.6), ("stain", -0.1), ("density", 1.5), ("brightness", 1.0),
+                                         ("grayscale", True), ("saturation", "a lot"), ("sharpness", 0.1)])
 def test_check_options_names_the_field(field, value):
     options = dict.fromkeys(colour.RANGES, 0.0) | {field: value}
     with pytest.raises(InputError, match=f"augment.colour.{field}"):
