@@ -79,3 +79,16 @@ def test_loader_threads_rise_to_the_cores(monkeypatch):
     assert pipeline.loader_threads(12) == 12
     monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
     assert pipeline.loader_threads(4) == 4
+
+
+@pytest.mark.parametrize("workers", [1, 4, pipeline.MAX_LOADER_THREADS, 12])
+def test_loaders_keep_every_thread_busy_without_grain_warnings(caplog, workers):
+    # grain warns at every epoch (and may later refuse) when fewer batches may be
+    # in flight than there are threads, as on a 16-core GPU host.
+    images = np.zeros((40, 4, 4, 3), np.uint8)
+    labels = np.arange(40) % 2
+    with caplog.at_level("WARNING"):
+        train = list(pipeline.train_batches(images, labels, 4, seed=0, epoch=0, workers=workers))
+        evals = list(pipeline.eval_batches(images, labels, 6, workers=workers))
+    assert len(train) == 10 and sum(b["mask"].sum() for b in evals) == 40
+    assert "prefetch_buffer_size" not in caplog.text

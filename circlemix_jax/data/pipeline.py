@@ -129,7 +129,7 @@ def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed:
           .batch(batch_size, drop_remainder=True))
     ds = ds[start:]
     ds = ds.map(lambda idx: {"image": images[idx[local]], "label": labels[idx[local]].astype(np.int32)})
-    yield from ds.to_iter_dataset(grain.ReadOptions(num_threads=workers, prefetch_buffer_size=4))
+    yield from ds.to_iter_dataset(_read_options(workers, ahead=4))
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -156,7 +156,16 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
         return {"image": images[safe], "label": labels[safe].astype(np.int32), "mask": valid}
 
     ds = grain.MapDataset.source(index).batch(batch_size).map(gather)
-    yield from ds.to_iter_dataset(grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2))
+    yield from ds.to_iter_dataset(_read_options(workers, ahead=2))
+
+
+def _read_options(workers: int, ahead: int) -> grain.ReadOptions:
+    """`workers` gathering threads and at least `ahead` batches in flight.
+
+    The buffer is never smaller than the thread count: grain can use only as many
+    threads as batches may be in flight, and says so at every epoch otherwise.
+    """
+    return grain.ReadOptions(num_threads=workers, prefetch_buffer_size=max(ahead, workers))
 
 
 def default_workers() -> int:
