@@ -21,6 +21,13 @@ class InputError(Exception):
     """
 
 
+def first_few(items, n: int = 5) -> str:
+    """The first `n` items joined by commas, and how many more: a message names culprits without flooding."""
+    items = [str(i) for i in items]
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
 def exits_cleanly(fn: F) -> F:
     """Decorates a CLI entry: `InputError` becomes `error: ...` on stderr and exit 2, Ctrl-C exit 130."""
 

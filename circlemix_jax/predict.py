@@ -29,8 +29,8 @@ import os
 
 import numpy as np
 
-from circlemix_jax import cli, decision, defaults, hierarchy, provenance
-from circlemix_jax.errors import InputError
+from circlemix_jax import bootstrap, cli, decision, defaults, hierarchy, metrics, provenance
+from circlemix_jax.errors import InputError, first_few
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -97,10 +97,28 @@ def predict_logits(workdir: str, paths: list[str], decoded: dict, workers: int =
     size = config.data.image_size
     if size not in decoded:
         decoded[size] = pipeline.decode_all(paths, size, workers, f"decoding at {size}px")
+        warning = greyscale_warning(paths, decoded[size])
+        if warning:
+            print(warning, flush=True)
     images = decoded[size]
     batch = config.eval_batch_size - config.eval_batch_size % jax.device_count() or jax.device_count()
     logits = steplib.evaluate(eval_fn, state, images, np.zeros(len(paths), np.int32), batch, mesh)
     return config, np.asarray(logits, np.float64)
+
+
+def greyscale_warning(paths, images: np.ndarray) -> str | None:
+    """A WARNING line naming the images without colour, or None when every image has some.
+
+    The models learn from the PAS stain's colours (their input is the image's optical
+    density per channel), so a greyscale scan is outside anything they saw and their
+    answer on it means little. Such images are still predicted, not refused.
+    """
+    images = np.asarray(images)
+    grey = [p for p, im in zip(paths, images) if (im[..., 0] == im[..., 1]).all() and (im[..., 1] == im[..., 2]).all()]
+    if not grey:
+        return None
+    return (f"WARNING: {len(grey)} of {len(paths)} images are greyscale ({first_few(grey, 3)}): the model "
+            "learned from colour stains, so its predictions for them are unreliable")
 
 
 def sclerotic_ids(class_names) -> list[int]:
@@ -126,7 +144,8 @@ def predict(workdir: str, children: list[str], paths: list[str], workers: int = 
     Returns:
       {class_names, classes (the parent's global ids), pred (global ids),
       probs (N, K parent), children: [(stage, child classes, probs)],
-      decisions: {workdir: how its predictions were decided}}.
+      decisions: {workdir: how its predictions were decided},
+      label_map: the model's {manifest label: class name}}.
 
     Raises:
       InputError: a child with another label space, or classes the parent lacks.
@@ -137,7 +156,7 @@ def predict(workdir: str, children: list[str], paths: list[str], workers: int = 
     local, how = decide(workdir, logits, use_rules)
     pred = classes[local]
     out = {"class_names": list(config.class_names), "classes": classes, "probs": _softmax(logits), "children": [],
-           "decisions": {workdir: how}}
+           "decisions": {workdir: how}, "label_map": dict(config.data.label_map)}
     for child in children:
         child_config = hierarchy.load_run_config(child)
         if list(child_config.class_names) != list(config.class_names):
@@ -186,6 +205,39 @@ def write_outputs(out_path: str, paths, subjects, labels, result: dict,
     except OSError as e:
         raise InputError(f"cannot write --out {out_path}: {e.strerror or e}") from None
     return out_path, subjects_path
+
+
+def score_labels(labels, subjects, pred: np.ndarray, class_names, label_map=None) -> str | None:
+    """One line scoring the predictions against a manifest's labels, or saying why they were not scored.
+
+    A labelled set from a new centre is how a user learns whether to trust the
+    model there, so the score comes with its 95% interval from a bootstrap over
+    subjects (a slide's glomeruli share its stain, so images are not independent).
+    Labels are read as the model's class names, through its `data.label_map`
+    (five-class names onto a binary model); blank labels are left out.
+
+    Returns:
+      the line, or None when no row has a label (or `labels` is None).
+    """
+    label_map = dict(label_map or {})
+    names = list(class_names)
+    rows = [i for i, y in enumerate(labels or []) if y]
+    if not rows:
+        return None
+    mapped = [label_map.get(labels[i], labels[i]) for i in rows]
+    unknown = sorted({y for y in mapped if y not in names})
+    if unknown:
+        verb = "is" if len(unknown) == 1 else "are"
+        return f"labels not scored: {first_few(map(repr, unknown))} {verb} not among the model's classes {names}"
+    truth = np.array([names.index(y) for y in mapped])
+    guess = np.asarray(pred)[rows]
+    scores = metrics.classification_metrics(truth, guess, names)
+    interval = bootstrap.subject_bootstrap(truth, guess, np.asarray(subjects)[rows], len(names))
+    recalls = ", ".join(f"{n} {int(np.sum((truth == k) & (guess == k)))}/{int(np.sum(truth == k))}"
+                        for k, n in enumerate(names) if np.any(truth == k))
+    return (f"LABELS: balanced accuracy {scores['balanced_accuracy']:.4f} [95% CI {interval['low']:.4f}, "
+            f"{interval['high']:.4f}; bootstrap over {interval['subjects']} subjects] on {len(rows)} labelled "
+            f"images; found per class: {recalls}")
 
 
 def subject_summary(subjects, pred: np.ndarray, class_names) -> list[dict]:
@@ -248,6 +300,9 @@ def run() -> None:
         for row in subject_summary(subjects, result["pred"], result["class_names"]):
             print(f"{row['subject']}: {row['glomeruli']} glomeruli, {row['pct_globally_sclerotic']}% globally "
                   "sclerotic", flush=True)
+        scored = score_labels(labels, subjects, result["pred"], result["class_names"], result["label_map"])
+        if scored:
+            print(scored, flush=True)
         print(f"wrote {per_image} and {per_subject}", flush=True)
 
     app.run(main, flags_parser=cli.parse_flags)

@@ -2,10 +2,12 @@
 
 import csv
 import os
+import re
 
 import numpy as np
 import pytest
 from conftest import run_cli
+from sklearn.metrics import balanced_accuracy_score
 from test_experiments import mini_protocol
 
 from circlemix_jax import predict
@@ -70,6 +72,9 @@ def test_predict_folder_merged_through_a_child(models, few_images, tmp_path):
 
 
 def test_predict_manifest_without_children(models, few_images, tmp_path):
+    # Labels in the model's own class names, so predict scores them.
+    as_five = {"global_sclerosis": "obsolescent", "non_sclerotic": "normal"}
+    few_images = [(p, s, as_five[y]) for p, s, y in few_images]
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,subject,label\n" + "".join(f"{p},{s},{y}\n" for p, s, y in few_images))
     out = tmp_path / "b.csv"
@@ -86,6 +91,10 @@ def test_predict_manifest_without_children(models, few_images, tmp_path):
     for s in summary:
         mine = [r for r in rows if r["subject"] == s["subject"]]
         assert int(s["globally_sclerotic"]) == sum(r["pred_name"] in FIVE[2:] for r in mine)
+    scored = re.search(r"^LABELS: balanced accuracy ([0-9.]+) .* on 6 labelled images", result.stdout, re.M)
+    assert scored, result.stdout[-2000:]
+    expected = balanced_accuracy_score([r["label"] for r in rows], [r["pred_name"] for r in rows])
+    assert float(scored.group(1)) == pytest.approx(expected, abs=1e-4)
 
 
 def test_predict_bad_input_is_one_line(models, tmp_path):
@@ -110,3 +119,41 @@ def test_read_inputs_needs_exactly_one_source(tmp_path):
     (tmp_path / "m.csv").write_text("file,subject\nx.png,s\n")
     with pytest.raises(InputError, match="missing column 'path'"):
         predict.read_inputs(str(tmp_path / "m.csv"), None)
+
+
+BINARY = ("non_sclerotic", "global_sclerosis")
+
+
+def test_score_labels_by_hand():
+    labels = ["non_sclerotic", "global_sclerosis", "global_sclerosis", "", "non_sclerotic", "non_sclerotic"]
+    subjects = ["a", "a", "b", "b", "c", "c"]
+    pred = np.array([0, 1, 0, 1, 1, 0])  # row 3 has no label and is left out
+    line = predict.score_labels(labels, subjects, pred, BINARY)
+    # recall: non_sclerotic 2/3, global_sclerosis 1/2 -> (2/3 + 1/2) / 2
+    assert line.startswith("LABELS: balanced accuracy 0.5833 [95% CI ")
+    assert "over 3 subjects] on 5 labelled images" in line
+    assert line.endswith("found per class: non_sclerotic 2/3, global_sclerosis 1/2")
+
+
+def test_score_labels_through_the_models_label_map():
+    label_map = {"obsolescent": "global_sclerosis", "normal": "non_sclerotic"}
+    line = predict.score_labels(["obsolescent", "normal"], ["a", "b"], np.array([1, 1]), BINARY, label_map)
+    assert "balanced accuracy 0.5000" in line and "global_sclerosis 1/1" in line and "non_sclerotic 0/1" in line
+
+
+def test_score_labels_says_why_it_cannot_score():
+    assert predict.score_labels(None, ["a"], np.array([0]), BINARY) is None
+    assert predict.score_labels(["", ""], ["a", "b"], np.array([0, 1]), BINARY) is None
+    line = predict.score_labels(["sclerotic", "normal", "sclerotic"], ["a"] * 3, np.array([0, 1, 0]), BINARY)
+    assert line == ("labels not scored: 'normal', 'sclerotic' are not among the model's classes "
+                    "['non_sclerotic', 'global_sclerosis']")
+
+
+def test_greyscale_images_are_named():
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    assert predict.greyscale_warning(["a", "b", "c"], colour) is None
+    grey = colour.copy()
+    grey[1] = grey[1, ..., :1]  # one channel copied into all three
+    line = predict.greyscale_warning(["a", "b", "c"], grey)
+    assert line.startswith("WARNING: 1 of 3 images are greyscale (b)")

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from circlemix_jax.data import synthetic
-from circlemix_jax.errors import InputError
+from circlemix_jax.errors import InputError, first_few
 
 REQUIRED_COLUMNS = ("path", "label", "subject")
 # How the test fold is chosen (config field `split`): subject-level k-fold, or one centre held out.
@@ -112,22 +112,17 @@ def read_manifest(path: str, class_names, label_map=None) -> Records:
         raw.append(values["label"])
         subjects.append(values["subject"])
     if blank:
-        raise InputError(f"{path}: blank required fields at {_few(blank)}")
+        raise InputError(f"{path}: blank required fields at {first_few(blank)}")
     if bad_label:
-        raise InputError(f"{path}: label not among the classes {list(names)} at {_few(bad_label)}")
+        raise InputError(f"{path}: label not among the classes {list(names)} at {first_few(bad_label)}")
     seen, dupes = set(), []
     for p in paths:
         if p in seen:
             dupes.append(p)
         seen.add(p)
     if dupes:
-        raise InputError(f"{path}: duplicate image paths {_few(dupes)}")
+        raise InputError(f"{path}: duplicate image paths {first_few(dupes)}")
     return Records(np.array(paths), np.array(labels, np.int32), np.array(raw), np.array(subjects), names, path)
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    more = f" and {len(items) - n} more" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
 
 
 def center_names(path: str) -> list[str]:
@@ -146,7 +141,7 @@ def center_names(path: str) -> list[str]:
         rows = list(reader)
     blank = [f"line {i}" for i, r in enumerate(rows, start=2) if not (r.get(CENTER_COLUMN) or "").strip()]
     if blank:
-        raise InputError(f"{path}: empty '{CENTER_COLUMN}' at {_few(blank)}")
+        raise InputError(f"{path}: empty '{CENTER_COLUMN}' at {first_few(blank)}")
     return sorted({r[CENTER_COLUMN].strip() for r in rows})
 
 
