@@ -243,6 +243,7 @@ def explain(workdir: str, manifest: str | None, images_dir: str | None, out: str
     if max_images < 1:
         raise InputError(f"--max-images must be at least 1, got {max_images}")
     paths, _, labels = predict.read_inputs(manifest, images_dir)
+    predict.check_outputs([out], manifest, paths, [workdir])
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise InputError(f"cannot write --out {out}: its folder does not exist")
     run = inference.load(workdir)

@@ -15,12 +15,12 @@ before it splits the channels (`step.prepare_images`).
 
 from __future__ import annotations
 
-import csv
 import os
 
 import numpy as np
 
 from circlemix_jax.data import pipeline
+from circlemix_jax.data.manifest import read_csv
 from circlemix_jax.errors import InputError
 
 COLUMN = "mask"
@@ -32,12 +32,10 @@ def mask_paths(manifest: str, paths) -> list[str]:
     Raises:
       InputError: no `mask` column, or an image without a mask.
     """
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if COLUMN not in (reader.fieldnames or []):
-            raise InputError(f"{manifest}: mix.lam_mode='mask' needs a '{COLUMN}' column (glomerulus masks); "
-                             f"the header is {reader.fieldnames}")
-        rows = list(reader)
+    header, rows = read_csv(manifest)
+    if COLUMN not in header:
+        raise InputError(f"{manifest}: mix.lam_mode='mask' needs a '{COLUMN}' column (glomerulus masks); "
+                         f"the header is {header}")
     root = os.path.dirname(os.path.abspath(manifest))
     by_image = {os.path.normpath(os.path.join(root, r["path"].strip())): (r.get(COLUMN) or "").strip() for r in rows}
     out, missing = [], []

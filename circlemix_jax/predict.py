@@ -30,6 +30,7 @@ import os
 import numpy as np
 
 from circlemix_jax import bootstrap, cli, decision, defaults, hierarchy, metrics, provenance
+from circlemix_jax.data.manifest import read_csv
 from circlemix_jax.errors import InputError, first_few
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -52,13 +53,10 @@ def read_inputs(manifest: str | None, images: str | None) -> tuple[list[str], li
             raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {images}")
         paths = [os.path.abspath(p) for p in paths]
         return paths, [os.path.basename(os.path.dirname(p)) for p in paths], None
-    if not os.path.isfile(manifest):
-        raise InputError(f"manifest not found: {manifest}")
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if "path" not in (reader.fieldnames or []):
-            raise InputError(f"{manifest}: missing column 'path'; the header is {reader.fieldnames}")
-        rows = [r for r in reader if (r.get("path") or "").strip()]
+    header, rows = read_csv(manifest)
+    if "path" not in header:
+        raise InputError(f"{manifest}: missing column 'path'; the header is {header}")
+    rows = [r for r in rows if (r.get("path") or "").strip()]
     if not rows:
         raise InputError(f"{manifest}: the manifest has no rows")
     root = os.path.dirname(os.path.abspath(manifest))
@@ -66,6 +64,37 @@ def read_inputs(manifest: str | None, images: str | None) -> tuple[list[str], li
     subjects = [(r.get("subject") or "").strip() or os.path.basename(os.path.dirname(p)) for r, p in zip(rows, paths)]
     labels = [(r.get("label") or "").strip() for r in rows] if "label" in rows[0] else None
     return paths, subjects, labels
+
+
+def summary_path(out_path: str) -> str:
+    """Where the per-subject summary of `--out` goes: `<out>_subjects.csv`."""
+    return os.path.splitext(out_path)[0] + "_subjects.csv"
+
+
+def check_outputs(outputs, manifest: str | None, paths, run_dirs) -> None:
+    """Refuses, before anything is written, an output that would overwrite what the command reads.
+
+    Args:
+      outputs: the files the command will write.
+      manifest: the manifest read, or None.
+      paths: the images read.
+      run_dirs: the runs whose models are used; their existing files are theirs.
+
+    Raises:
+      InputError: an output is the manifest, one of the images, or an existing file of a run.
+    """
+    images = {os.path.realpath(p) for p in paths}
+    runs = [os.path.realpath(d) for d in run_dirs]
+    for out in outputs:
+        real = os.path.realpath(out)
+        if manifest and real == os.path.realpath(manifest):
+            raise InputError(f"--out {out}: writing there would overwrite the manifest {manifest}; choose another path")
+        if real in images:
+            raise InputError(f"--out {out}: writing there would overwrite an input image; choose another path")
+        owner = next((r for r in runs if os.path.commonpath([real, r]) == r), None)
+        if owner and os.path.exists(real):
+            raise InputError(f"--out {out}: writing there would overwrite {real}, a file of the run {owner}; "
+                             "choose another path")
 
 
 def predict_probs(workdir: str, paths: list[str], decoded: dict, workers: int = 4) -> tuple[object, np.ndarray]:
@@ -196,7 +225,7 @@ def write_outputs(out_path: str, paths, subjects, labels, result: dict,
                 for _, _, child_probs in result["children"]:
                     row += [f"{v:.6f}" for v in child_probs[i]]
                 w.writerow(row)
-        subjects_path = os.path.splitext(out_path)[0] + "_subjects.csv"
+        subjects_path = summary_path(out_path)
         summary = [{**row, **(model_columns or {})} for row in subject_summary(subjects, result["pred"], names)]
         with open(subjects_path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(summary[0]))
@@ -288,6 +317,7 @@ def run() -> None:
     @cli.command
     def main() -> None:
         paths, subjects, labels = read_inputs(manifest.value, images.value)
+        check_outputs([out.value, summary_path(out.value)], manifest.value, paths, [workdir.value, *children.value])
         cli.configure_compilation_cache()
         for d in [workdir.value, *children.value]:
             hierarchy.require_best_checkpoint(os.path.abspath(d), finished=False)

@@ -56,6 +56,17 @@ def test_missing_column(tmp_path, synthetic_manifest, workdir):
     _check(_train(m, workdir), "m.csv", "subject")
 
 
+def test_manifest_saved_in_a_windows_code_page(tmp_path, synthetic_manifest, workdir):
+    rows = _rows(synthetic_manifest)
+    rows[2]["subject"] = "Schön"
+    m = _write(tmp_path / "m.csv", rows)
+    with open(m, encoding="utf-8") as f:
+        text = f.read()
+    with open(m, "w", encoding="cp1252", newline="") as f:
+        f.write(text)
+    _check(_train(m, workdir), "m.csv", "line 4", "not UTF-8", "0xf6")
+
+
 def test_empty_manifest(tmp_path, workdir):
     _check(_train(_write(tmp_path / "m.csv", []), workdir), "m.csv", "no rows")
 

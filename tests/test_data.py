@@ -105,3 +105,23 @@ def test_class_without_training_images(tmp_path):
     fold = next(k for k in range(5) if "s0" in set(records.subjects[data.make_split(records, k).test]))
     with pytest.raises(InputError, match="solidified.*no training images"):
         data.restrict(records, data.make_split(records, fold), (0, 1, 3))
+
+
+def test_read_csv_names_the_line_that_is_not_utf8_or_not_csv(tmp_path):
+    from circlemix_jax.data.manifest import read_csv
+
+    good = tmp_path / "good.csv"
+    good.write_bytes("\ufeffpath,subject\na.png,Schön\n".encode())  # a byte-order mark is fine
+    assert read_csv(str(good)) == (["path", "subject"], [{"path": "a.png", "subject": "Schön"}])
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("path,subject\na.png,s1\nb.png,Schön\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin.csv: line 3 is not UTF-8 text \(byte 0xf6\)"):
+        read_csv(str(latin))
+    quote = tmp_path / "quote.csv"  # an unclosed quote swallows the rest of the file into one field
+    quote.write_text("path,subject\na.png,s1\n\"b.png,s2\n" + "c.png,s3\n" * 20000)
+    with pytest.raises(InputError, match=r"quote.csv: line \d+ is not CSV \(field larger than field limit"):
+        read_csv(str(quote))
+    with pytest.raises(InputError, match="manifest is not a file"):
+        read_csv(str(tmp_path))
+    with pytest.raises(InputError, match="manifest not found"):
+        read_csv(str(tmp_path / "none.csv"))

@@ -295,6 +295,21 @@ def test_predict_on_a_damaged_best_is_one_line(tmp_path, scratch_run):
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_predict_and_explain_never_write_over_what_they_read(tmp_path, scratch_run):
+    workdir, manifest = _copy(scratch_run, tmp_path)
+    rows = _rows(manifest)[:4]
+    mine = _write(tmp_path / "p_subjects.csv", rows)  # also where --out p.csv would put its summary
+    before = _listing(tmp_path)
+    outs = [(mine, "the manifest"), (tmp_path / "p.csv", "the manifest"), (rows[1]["path"], "an input image"),
+            (os.path.join(workdir, "metrics.json"), "a file of the run")]
+    for out, needle in outs:
+        _one_line(run_cli("circlemix_jax.predict", f"--workdir={workdir}", f"--manifest={mine}", f"--out={out}"),
+                  2, needle, "choose another path")
+    _one_line(run_cli("circlemix_jax.explain", f"--workdir={workdir}", f"--manifest={mine}",
+                      f"--out={rows[0]['path']}"), 2, "an input image")
+    assert _listing(tmp_path) == before
+
+
 def test_leftover_temporary_checkpoint_folders_are_cleaned(tmp_path):
     from circlemix_jax import checkpoint
 

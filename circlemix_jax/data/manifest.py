@@ -8,8 +8,10 @@ field.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
+import io
 import os
 
 import numpy as np
@@ -52,6 +54,42 @@ class Records:
                                    raw_labels=self.raw_labels[idx], subjects=self.subjects[idx])
 
 
+def read_csv(path: str, what: str = "manifest") -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows) of a CSV file in UTF-8; a byte-order mark is allowed.
+
+    Spreadsheets save CSV in the system's code page unless told otherwise, so a
+    manifest in Latin-1 or cp1252 is a common first mistake; it gets one line
+    that names the line of the file, not a UnicodeDecodeError.
+
+    Args:
+      path: the file.
+      what: what the file is, for the messages ("manifest").
+
+    Raises:
+      InputError: no such file, not UTF-8, or not CSV (an unclosed quote), naming the line.
+    """
+    if not os.path.isfile(path):
+        raise InputError(f"{what} not found: {path}" if not os.path.exists(path) else f"{what} is not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[e.start]:02x}); save the {what} "
+                         "as UTF-8 (in Excel: 'CSV UTF-8')") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as e:
+        raise InputError(f"{path}: line {reader.line_num} is not CSV ({e})") from None
+    return list(reader.fieldnames or []), rows
+
+
 def manifest_path(config) -> str:
     """The configured manifest, or the built-in synthetic set's (generated on first use)."""
     if config.data.manifest:
@@ -77,16 +115,10 @@ def read_manifest(path: str, class_names, label_map=None) -> Records:
     """
     if not os.path.isfile(path):
         raise InputError(f"manifest not found: {path} (set --config.data.manifest=PATH)")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in REQUIRED_COLUMNS if c not in header]
-            if missing:
-                raise InputError(f"{path}: missing column(s) {missing}; the header is {header}")
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"{path}: not a readable CSV ({e})") from None
+    header, rows = read_csv(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {missing}; the header is {header}")
     if not rows:
         raise InputError(f"{path}: the manifest has no rows")
 
@@ -132,13 +164,10 @@ def center_names(path: str) -> list[str]:
     Raises:
       InputError: no such column, or a row without a centre.
     """
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        if CENTER_COLUMN not in header:
-            raise InputError(f"{path}: split='leave_one_center_out' needs a '{CENTER_COLUMN}' column; "
-                             f"the header is {header}")
-        rows = list(reader)
+    header, rows = read_csv(path)
+    if CENTER_COLUMN not in header:
+        raise InputError(f"{path}: split='leave_one_center_out' needs a '{CENTER_COLUMN}' column; "
+                         f"the header is {header}")
     blank = [f"line {i}" for i, r in enumerate(rows, start=2) if not (r.get(CENTER_COLUMN) or "").strip()]
     if blank:
         raise InputError(f"{path}: empty '{CENTER_COLUMN}' at {first_few(blank)}")
@@ -153,9 +182,8 @@ def path_centers(path: str) -> dict[str, str]:
     """
     center_names(path)  # the column checks
     root = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return {os.path.normpath(os.path.join(root, r["path"].strip())): r[CENTER_COLUMN].strip()
-                for r in csv.DictReader(f) if (r.get("path") or "").strip()}
+    return {os.path.normpath(os.path.join(root, r["path"].strip())): r[CENTER_COLUMN].strip()
+            for r in read_csv(path)[1] if (r.get("path") or "").strip()}
 
 
 def centers(records: Records) -> np.ndarray:
