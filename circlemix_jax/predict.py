@@ -126,7 +126,7 @@ def predict_logits(workdir: str, paths: list[str], decoded: dict, workers: int =
     size = config.data.image_size
     if size not in decoded:
         decoded[size] = pipeline.decode_all(paths, size, workers, f"decoding at {size}px")
-        warning = greyscale_warning(paths, decoded[size])
+        warning = greyscale_warning(paths, decoded[size], config)
         if warning:
             print(warning, flush=True)
     images = decoded[size]
@@ -135,19 +135,25 @@ def predict_logits(workdir: str, paths: list[str], decoded: dict, workers: int =
     return config, np.asarray(logits, np.float64)
 
 
-def greyscale_warning(paths, images: np.ndarray) -> str | None:
+def greyscale_warning(paths, images: np.ndarray, config) -> str | None:
     """A WARNING line naming the images without colour, or None when every image has some.
 
-    The models learn from the PAS stain's colours (their input is the image's optical
-    density per channel), so a greyscale scan is outside anything they saw and their
-    answer on it means little. Such images are still predicted, not refused.
+    A model reads the stain from the colour channels, so a greyscale scan is one
+    it saw rarely (the recipe turns some training images grey) or never. Such
+    images are still predicted, not refused. A model trained on grey input
+    (`data.input_norm='gray_per_image'`) gets no warning.
     """
+    if config.data.input_norm == "gray_per_image":
+        return None
     images = np.asarray(images)
     grey = [p for p, im in zip(paths, images) if (im[..., 0] == im[..., 1]).all() and (im[..., 1] == im[..., 2]).all()]
     if not grey:
         return None
-    return (f"WARNING: {len(grey)} of {len(paths)} images are greyscale ({first_few(grey, 3)}): the model "
-            "learned from colour stains, so its predictions for them are unreliable")
+    seen = config.augment.colour.get("grayscale", 0.0) if "colour" in config.augment else 0.0
+    why = (f"the model saw grey images only as a training augmentation ({seen:.0%} of them), so expect it to do "
+           "worse on these than on colour scans" if seen else
+           "the model never saw a grey image in training, so its predictions for them are unreliable")
+    return f"WARNING: {len(grey)} of {len(paths)} images are greyscale ({first_few(grey, 3)}): {why}"
 
 
 def sclerotic_ids(class_names) -> list[int]:

@@ -150,10 +150,17 @@ def test_score_labels_says_why_it_cannot_score():
 
 
 def test_greyscale_images_are_named():
+    from circlemix_jax import defaults
+
     rng = np.random.default_rng(0)
     colour = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-    assert predict.greyscale_warning(["a", "b", "c"], colour) is None
     grey = colour.copy()
     grey[1] = grey[1, ..., :1]  # one channel copied into all three
-    line = predict.greyscale_warning(["a", "b", "c"], grey)
-    assert line.startswith("WARNING: 1 of 3 images are greyscale (b)")
+    paper, recipe = defaults.get_config("binary"), defaults.get_config("binary", "scratch")
+    assert predict.greyscale_warning(["a", "b", "c"], colour, recipe) is None
+    line = predict.greyscale_warning(["a", "b", "c"], grey, paper)
+    assert line.startswith("WARNING: 1 of 3 images are greyscale (b): the model never saw a grey image")
+    line = predict.greyscale_warning(["a", "b", "c"], grey, recipe)
+    assert "only as a training augmentation (10% of them)" in line
+    recipe.data.input_norm = "gray_per_image"
+    assert predict.greyscale_warning(["a", "b", "c"], grey, recipe) is None
