@@ -16,9 +16,10 @@ Arguments (the part after ':' in --config, comma-separated):
              the mixing method, e.g. configs/binary.py:scratch,circlemix
 
 Prints a line per epoch, then the TEST line with per-class recall and the 2x2
-confusion matrix of the fold. The result this command gave on fold 0 of the
-public set, over two seeds, and with each centre held out, is in docs/RESULTS.md
-("Zoom", the first section), with the wall times.
+confusion matrix of the fold. What this recipe gave on the public set, with
+the wall times, is in docs/RESULTS.md: on the five folds over three seeds
+("The recipe on the five folds, three seeds"), and with each centre held out
+("128 px and a density jitter", the recipe's column).
 """
 
 from circlemix_jax import defaults
