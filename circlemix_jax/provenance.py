@@ -17,6 +17,10 @@ from circlemix_jax import defaults, hierarchy
 # sclerosis are a few pixels across.
 SMOKE_MAX_IMAGE_SIZE = 64
 SMOKE_MAX_EPOCHS = 3
+# A run whose best validation balanced accuracy got less than this share of the way
+# from chance (1/K) to 1 did not learn: a seed can fail outright, and its test score
+# and predictions then say nothing, however confident the percentages look.
+LEARNED_MIN_SHARE = 0.1
 
 
 def describe(workdir: str, config=None) -> dict:
@@ -29,8 +33,8 @@ def describe(workdir: str, config=None) -> dict:
     Returns:
       {workdir, stage, method, fold, data ('synthetic' or the manifest path),
       image_size, epochs, best_epoch (1-based, None when unfinished),
-      test_balanced_accuracy (None when unfinished), init ('random' or the
-      converted weights' folder)}.
+      test_balanced_accuracy and best_val_balanced_accuracy (None when
+      unfinished), num_classes, init ('random' or the converted weights' folder)}.
     """
     workdir = os.path.abspath(workdir)
     config = config if config is not None else hierarchy.load_run_config(workdir)
@@ -53,6 +57,8 @@ def describe(workdir: str, config=None) -> dict:
         "epochs": int(config.num_epochs),
         "best_epoch": None if best is None else int(best) + 1,
         "test_balanced_accuracy": metrics.get("balanced_accuracy"),
+        "best_val_balanced_accuracy": metrics.get("best_val_balanced_accuracy"),
+        "num_classes": len(config.classes),
         "init": config.model.init_from or "random",
     }
 
@@ -68,7 +74,22 @@ def warnings(prov: dict) -> list[str]:
                    f"{prov['epochs']} epochs): it checks the plumbing, do not read its percentages as results")
     if prov["test_balanced_accuracy"] is None:
         out.append(f"WARNING: the run {prov['workdir']} is unfinished (no metrics.json): it has no test score")
+    did_not_learn = chance_warning(prov["workdir"], prov.get("best_val_balanced_accuracy"), prov.get("num_classes"))
+    if did_not_learn:
+        out.append(did_not_learn)
     return out
+
+
+def chance_warning(workdir: str, best_val: float | None, num_classes: int | None) -> str | None:
+    """A WARNING line when a run's best validation balanced accuracy stayed near chance, else None."""
+    if best_val is None or not num_classes:
+        return None
+    chance = 1.0 / num_classes
+    if best_val >= chance + LEARNED_MIN_SHARE * (1.0 - chance):
+        return None
+    return (f"WARNING: the model in {workdir} never beat chance on its validation set (best balanced accuracy "
+            f"{best_val:.4f}, chance {chance:.2f}): it did not learn, and its predictions mean nothing; train it "
+            "again (another --config.seed) before using it")
 
 
 def line(prov: dict) -> str:

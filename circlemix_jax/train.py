@@ -37,6 +37,7 @@ from circlemix_jax import (
     epoch_steps,
     hierarchy,
     masks,
+    provenance,
     rundir,
     step as steplib,
     summary,
@@ -388,6 +389,9 @@ def write(inputs: Inputs, progress: dict, logits: np.ndarray, rule: decision.Rul
         f"confusion matrix (rows = truth: {', '.join(names)}):\n{np.array(metrics['confusion_matrix'])}")
     log(f"wrote {workdir}/metrics.json, decision.json, test_predictions.csv, split.json, config.json, "
         "checkpoints/, events")
+    did_not_learn = provenance.chance_warning(workdir, progress["best_val_balanced_accuracy"], len(config.classes))
+    if did_not_learn:
+        log(did_not_learn)
     return metrics
 
 

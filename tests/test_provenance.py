@@ -42,6 +42,25 @@ def test_synthetic_smoke_and_unfinished_runs_warn(tmp_path):
     assert provenance.columns(prov)["model_best_epoch"] == ""
 
 
+@pytest.mark.parametrize("best_val, classes, warns", [(0.4821, 2, True), (0.5499, 2, True), (0.55, 2, False),
+                                                      (0.27, 5, True), (0.29, 5, False), (None, 2, False)])
+def test_a_run_that_never_beat_chance_on_validation_warns(tmp_path, best_val, classes, warns):
+    stage = "binary" if classes == 2 else "c5"
+    config = defaults.get_config(stage)
+    config.data.manifest = "/data/m.csv"
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    metrics = {"balanced_accuracy": 0.5, "best_epoch": 3}
+    if best_val is not None:
+        metrics["best_val_balanced_accuracy"] = best_val
+    (workdir / "metrics.json").write_text(json.dumps(metrics))
+    found = provenance.warnings(provenance.describe(str(workdir)))
+    assert bool(found) == warns, found
+    if warns:
+        assert "never beat chance" in found[0] and f"chance {1 / classes:.2f}" in found[0]
+
+
 @pytest.mark.parametrize("size,epochs,smoke", [(64, 8, True), (128, 3, True), (128, 4, False)])
 def test_smoke_thresholds(size, epochs, smoke):
     prov = {"workdir": "w", "data": "m.csv", "image_size": size, "epochs": epochs, "test_balanced_accuracy": 0.9}
