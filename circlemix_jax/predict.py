@@ -248,8 +248,9 @@ def score_labels(labels, subjects, pred: np.ndarray, class_names, label_map=None
     A labelled set from a new centre is how a user learns whether to trust the
     model there, so the score comes with its 95% interval from a bootstrap over
     subjects (a slide's glomeruli share its stain, so images are not independent).
-    Labels are read as the model's class names, through its `data.label_map`
-    (five-class names onto a binary model); blank labels are left out.
+    Labels are read as the model's class names (or their integer ids), through
+    its `data.label_map` (five-class names onto a binary model); blank labels
+    are left out.
 
     Returns:
       the line, or None when no row has a label (or `labels` is None).
@@ -260,6 +261,8 @@ def score_labels(labels, subjects, pred: np.ndarray, class_names, label_map=None
     if not rows:
         return None
     mapped = [label_map.get(labels[i], labels[i]) for i in rows]
+    # An integer id names a class, as in training manifests.
+    mapped = [names[int(y)] if y.isdigit() and int(y) < len(names) else y for y in mapped]
     unknown = sorted({y for y in mapped if y not in names})
     if unknown:
         verb = "is" if len(unknown) == 1 else "are"

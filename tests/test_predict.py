@@ -139,6 +139,7 @@ def test_score_labels_through_the_models_label_map():
     label_map = {"obsolescent": "global_sclerosis", "normal": "non_sclerotic"}
     line = predict.score_labels(["obsolescent", "normal"], ["a", "b"], np.array([1, 1]), BINARY, label_map)
     assert "balanced accuracy 0.5000" in line and "global_sclerosis 1/1" in line and "non_sclerotic 0/1" in line
+    assert predict.score_labels(["1", "0"], ["a", "b"], np.array([1, 1]), BINARY) == line  # integer ids
 
 
 def test_score_labels_says_why_it_cannot_score():
