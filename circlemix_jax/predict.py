@@ -271,8 +271,8 @@ def score_labels(labels, subjects, pred: np.ndarray, class_names, label_map=None
     guess = np.asarray(pred)[rows]
     scores = metrics.classification_metrics(truth, guess, names)
     interval = bootstrap.subject_bootstrap(truth, guess, np.asarray(subjects)[rows], len(names))
-    recalls = ", ".join(f"{n} {int(np.sum((truth == k) & (guess == k)))}/{int(np.sum(truth == k))}"
-                        for k, n in enumerate(names) if np.any(truth == k))
+    cm = scores["confusion_matrix"]
+    recalls = ", ".join(f"{n} {cm[k][k]}/{sum(cm[k])}" for k, n in enumerate(names) if sum(cm[k]))
     return (f"LABELS: balanced accuracy {scores['balanced_accuracy']:.4f} [95% CI {interval['low']:.4f}, "
             f"{interval['high']:.4f}; bootstrap over {interval['subjects']} subjects] on {len(rows)} labelled "
             f"images; found per class: {recalls}")
