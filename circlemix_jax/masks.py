@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from circlemix_jax.data import pipeline
-from circlemix_jax.data.manifest import read_csv
+from circlemix_jax.data.manifest import read_csv, resolve_path
 from circlemix_jax.errors import InputError
 
 COLUMN = "mask"
@@ -36,14 +36,14 @@ def mask_paths(manifest: str, paths) -> list[str]:
     if COLUMN not in header:
         raise InputError(f"{manifest}: mix.lam_mode='mask' needs a '{COLUMN}' column (glomerulus masks); "
                          f"the header is {header}")
-    root = os.path.dirname(os.path.abspath(manifest))
-    by_image = {os.path.normpath(os.path.join(root, r["path"].strip())): (r.get(COLUMN) or "").strip() for r in rows}
+    by_image = {resolve_path(manifest, r["path"]): (r.get(COLUMN) or "").strip()
+                for r in rows if (r.get("path") or "").strip()}
     out, missing = [], []
     for p in paths:
         m = by_image.get(os.path.normpath(p), "")
         if not m:
             missing.append(p)
-        out.append(os.path.normpath(os.path.join(root, m)))
+        out.append(resolve_path(manifest, m))
     if missing:
         raise InputError(f"{manifest}: {len(missing)} image(s) have no '{COLUMN}' entry, e.g. {missing[0]}")
     return out

@@ -17,7 +17,8 @@ see `decision`: e.g. a class-prior or validation-fitted logit bias for balanced
 accuracy); `--argmax` ignores the rules and predicts the plain argmax. The
 probability columns are the network's softmax either way.
 
-A manifest needs a `path` column; `subject` and `label` are optional (a label
+A manifest needs a `path` column (relative paths: see `manifest.resolve_path`);
+`subject` and `label` are optional (a label
 is copied to the output for checking). Without a manifest every image under
 DIR is read and its subject is the name of its folder.
 """
@@ -30,7 +31,7 @@ import os
 import numpy as np
 
 from circlemix_jax import bootstrap, cli, decision, defaults, hierarchy, metrics, provenance
-from circlemix_jax.data.manifest import read_csv
+from circlemix_jax.data.manifest import read_csv, resolve_path
 from circlemix_jax.errors import InputError, first_few
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -59,8 +60,7 @@ def read_inputs(manifest: str | None, images: str | None) -> tuple[list[str], li
     rows = [r for r in rows if (r.get("path") or "").strip()]
     if not rows:
         raise InputError(f"{manifest}: the manifest has no rows")
-    root = os.path.dirname(os.path.abspath(manifest))
-    paths = [os.path.normpath(os.path.join(root, r["path"].strip())) for r in rows]
+    paths = [resolve_path(manifest, r["path"]) for r in rows]
     subjects = [(r.get("subject") or "").strip() or os.path.basename(os.path.dirname(p)) for r, p in zip(rows, paths)]
     labels = [(r.get("label") or "").strip() for r in rows] if "label" in rows[0] else None
     return paths, subjects, labels

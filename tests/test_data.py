@@ -125,3 +125,26 @@ def test_read_csv_names_the_line_that_is_not_utf8_or_not_csv(tmp_path):
         read_csv(str(tmp_path))
     with pytest.raises(InputError, match="manifest not found"):
         read_csv(str(tmp_path / "none.csv"))
+
+
+def test_paths_resolve_beside_the_manifest_or_else_from_the_current_directory(tmp_path, monkeypatch):
+    from circlemix_jax import predict
+
+    sub = tmp_path / "external"
+    (sub / "img").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (sub / "img" / name).write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    # A script run in tmp_path wrote paths relative to tmp_path, not to the manifest's folder.
+    rows = [("external/img/a.png", "normal", "s1"), ("external/img/b.png", "normal", "s2")]
+    manifest = _write(sub / "m.csv", rows)
+    expected = [str(sub / "img" / "a.png"), str(sub / "img" / "b.png")]
+    assert list(data.read_manifest(manifest, FIVE_CLASSES).paths) == expected
+    assert predict.read_inputs(manifest, None)[0] == expected
+    # A file beside the manifest wins over one of the same name in the current directory.
+    (sub / "external" / "img").mkdir(parents=True)
+    (sub / "external" / "img" / "a.png").write_bytes(b"")
+    assert data.read_manifest(manifest, FIVE_CLASSES).paths[0] == str(sub / "external" / "img" / "a.png")
+    # Found nowhere: the manifest-relative path, for the decoder to report as missing.
+    missing = _write(sub / "n.csv", [("nowhere.png", "normal", "s1")])
+    assert data.read_manifest(missing, FIVE_CLASSES).paths[0] == str(sub / "nowhere.png")

@@ -2,8 +2,8 @@
 
 A manifest is a CSV with at least `path,label,subject`; extra columns (`center`,
 `mask`) are kept out of the way. Relative paths resolve against the manifest's
-folder. Every problem is reported as an `InputError` that names the file, row or
-field.
+folder, or else the current directory (`resolve_path`). Every problem is
+reported as an `InputError` that names the file, row or field.
 """
 
 from __future__ import annotations
@@ -90,6 +90,24 @@ def read_csv(path: str, what: str = "manifest") -> tuple[list[str], list[dict[st
     return list(reader.fieldnames or []), rows
 
 
+def resolve_path(manifest: str, path: str) -> str:
+    """The absolute path of a file a manifest names.
+
+    A relative path resolves against the manifest's folder, as the shipped
+    manifests are written. A manifest written by a script run elsewhere often
+    holds paths relative to where the script ran instead; so a path missing
+    beside the manifest but present relative to the current directory resolves
+    there. Where neither exists the manifest-relative path is returned, for the
+    reader to report as missing.
+    """
+    path = path.strip()
+    beside = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(manifest)), path))
+    if os.path.isabs(path) or os.path.exists(beside):
+        return beside
+    here = os.path.abspath(path)
+    return here if os.path.exists(here) else beside
+
+
 def manifest_path(config) -> str:
     """The configured manifest, or the built-in synthetic set's (generated on first use)."""
     if config.data.manifest:
@@ -124,7 +142,6 @@ def read_manifest(path: str, class_names, label_map=None) -> Records:
 
     names = tuple(class_names)
     label_map = dict(label_map or {})
-    root = os.path.dirname(os.path.abspath(path))
     paths, labels, raw, subjects, bad_label, blank = [], [], [], [], [], []
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         values = {c: (row.get(c) or "").strip() for c in REQUIRED_COLUMNS}
@@ -139,7 +156,7 @@ def read_manifest(path: str, class_names, label_map=None) -> Records:
         else:
             bad_label.append(f"line {line}: {values['label']!r}")
             continue
-        paths.append(os.path.normpath(os.path.join(root, values["path"])))
+        paths.append(resolve_path(path, values["path"]))
         labels.append(idx)
         raw.append(values["label"])
         subjects.append(values["subject"])
@@ -181,8 +198,7 @@ def path_centers(path: str) -> dict[str, str]:
       InputError: as `center_names`.
     """
     center_names(path)  # the column checks
-    root = os.path.dirname(os.path.abspath(path))
-    return {os.path.normpath(os.path.join(root, r["path"].strip())): r[CENTER_COLUMN].strip()
+    return {resolve_path(path, r["path"]): r[CENTER_COLUMN].strip()
             for r in read_csv(path)[1] if (r.get("path") or "").strip()}
 
 
