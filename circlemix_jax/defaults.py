@@ -228,8 +228,14 @@ def method_name(config: ml_collections.ConfigDict) -> str:
 
 
 def default_workdir(config: ml_collections.ConfigDict) -> str:
-    """runs/<stage>/<method>/fold<k>: rerunning the same command resumes the same run."""
-    return f"runs/{config.stage}/{method_name(config)}/fold{config.fold}"
+    """runs/<stage>/<method>/fold<k>, or runs/<stage>/<method>/seed<S>/fold<k> for a seed other than 0.
+
+    Rerunning the same command resumes the same run; repeats that differ only in
+    `seed` (the usual way to measure seed noise) each get a folder of their own
+    instead of being refused by the first one's.
+    """
+    seed = f"seed{config.seed}/" if config.seed else ""
+    return f"runs/{config.stage}/{method_name(config)}/{seed}fold{config.fold}"
 
 
 def field_defaults(stage: str) -> dict:

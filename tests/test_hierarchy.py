@@ -157,8 +157,19 @@ def test_default_parent_is_c5_of_the_same_method_and_fold():
     config = defaults.get_config("c2", "circlemix")
     config.fold = 3
     assert hierarchy.parent_workdir(config) == os.path.abspath("runs/c5/circlemix/fold3")
+    config.seed = 2  # a repeat with another seed finds the parent of that seed
+    assert hierarchy.parent_workdir(config) == os.path.abspath("runs/c5/circlemix/seed2/fold3")
     config.parent_workdir = "elsewhere/c5"
     assert hierarchy.parent_workdir(config) == os.path.abspath("elsewhere/c5")
+
+
+def test_runs_that_differ_only_in_seed_get_their_own_default_workdir():
+    config = defaults.get_config("binary", "scratch")
+    folders = set()
+    for seed in range(4):
+        config.seed = seed
+        folders.add(defaults.default_workdir(config))
+    assert len(folders) == 4 and "runs/binary/baseline/fold0" in folders
 
 
 def test_merged_test_predictions_from_csv_files(tmp_path):
