@@ -54,7 +54,8 @@ def run() -> None:
         "config", None, "Config file, e.g. configs/c5.py or configs/c5.py:smoke.", lock_config=True)
     print_config = flags.DEFINE_bool("print_config", False, "Print the resolved config (every field, after the "
                                      "overrides) and exit without touching the workdir.")
-    workdir_flag = flags.DEFINE_string("workdir", None, "Run folder; default runs/<stage>/<method>/fold<k>.")
+    workdir_flag = flags.DEFINE_string("workdir", None, "Run folder; default runs/<stage>/<method>/fold<k> "
+                                       "(.../seed<S>/fold<k> with --config.seed=S other than 0).")
     distributed = flags.DEFINE_bool("distributed", False, "Join a multi-process job, detecting the cluster "
                                     "(Cloud TPU VM, SLURM, Open MPI); implied by the three flags below.")
     coordinator = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 of a multi-process job "
