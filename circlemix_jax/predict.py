@@ -273,8 +273,12 @@ def score_labels(labels, subjects, pred: np.ndarray, class_names, label_map=None
     interval = bootstrap.subject_bootstrap(truth, guess, np.asarray(subjects)[rows], len(names))
     cm = scores["confusion_matrix"]
     recalls = ", ".join(f"{n} {cm[k][k]}/{sum(cm[k])}" for k, n in enumerate(names) if sum(cm[k]))
-    return (f"LABELS: balanced accuracy {scores['balanced_accuracy']:.4f} [95% CI {interval['low']:.4f}, "
-            f"{interval['high']:.4f}; bootstrap over {interval['subjects']} subjects] on {len(rows)} labelled "
+    if interval["subjects"] > 1:
+        spread = (f"[95% CI {interval['low']:.4f}, {interval['high']:.4f}; "
+                  f"bootstrap over {interval['subjects']} subjects]")
+    else:  # resampling one subject only redraws it: no interval, and say how to get one
+        spread = "[no interval: every image is of one subject; give the manifest a 'subject' column]"
+    return (f"LABELS: balanced accuracy {scores['balanced_accuracy']:.4f} {spread} on {len(rows)} labelled "
             f"images; found per class: {recalls}")
 
 

@@ -133,6 +133,9 @@ def test_score_labels_by_hand():
     assert line.startswith("LABELS: balanced accuracy 0.5833 [95% CI ")
     assert "over 3 subjects] on 5 labelled images" in line
     assert line.endswith("found per class: non_sclerotic 2/3, global_sclerosis 1/2")
+    # One subject: a bootstrap over it only redraws it, so no interval is claimed.
+    one = predict.score_labels(labels, ["a"] * 6, pred, BINARY)
+    assert "balanced accuracy 0.5833 [no interval: every image is of one subject" in one and "CI" not in one
 
 
 def test_score_labels_through_the_models_label_map():
