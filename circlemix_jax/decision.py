@@ -189,6 +189,11 @@ def save(path: str, rule: Rule) -> None:
     rundir.write_json(path, dataclasses.asdict(rule))
 
 
+def _score(value) -> float:
+    """A stored validation score: null (or absent) is NaN, a score not computed."""
+    return float("nan") if value is None else float(value)
+
+
 def load(path: str) -> Rule | None:
     """The rule stored at `path`, or None when the run has none (runs made before rules existed).
 
@@ -200,8 +205,8 @@ def load(path: str) -> Rule | None:
         return None
     try:
         rule = Rule(mode=d["mode"], bias=tuple(float(b) for b in d["bias"]),
-                    val_balanced_accuracy=float(d.get("val_balanced_accuracy", "nan")),
-                    val_balanced_accuracy_adjusted=float(d.get("val_balanced_accuracy_adjusted", "nan")))
+                    val_balanced_accuracy=_score(d.get("val_balanced_accuracy")),
+                    val_balanced_accuracy_adjusted=_score(d.get("val_balanced_accuracy_adjusted")))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{path}: not a decision rule ({e}); delete it to predict with the plain argmax") from None
     if rule.mode not in MODES:

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import socket
 from collections.abc import Iterator
@@ -41,10 +42,26 @@ def absolute(workdir: str) -> str:
     return workdir if "://" in workdir else os.path.abspath(workdir)
 
 
+def _finite(obj):
+    """`obj` with every NaN or infinite float replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str, obj) -> None:
-    """Writes JSON atomically on a local disk (a kill never leaves half a file; a GCS object appears whole)."""
+    """Writes JSON atomically on a local disk (a kill never leaves half a file; a GCS object appears whole).
+
+    A NaN (e.g. a validation score the plain-argmax rule never computes) is
+    written as null: Python would write a bare NaN, which is not JSON, and R's,
+    JavaScript's and jq's readers refuse the whole file.
+    """
     tmp = epath.Path(path + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(_finite(obj), indent=1, allow_nan=False))
     tmp.replace(path)
 
 

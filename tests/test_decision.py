@@ -146,6 +146,23 @@ def test_save_and_load(tmp_path):
         decision.load(str(tmp_path / "bad.json"))
 
 
+def test_a_rule_without_validation_scores_is_standard_json(tmp_path):
+    import json
+    import math
+
+    path = str(tmp_path / decision.FILENAME)
+    decision.save(path, decision.Rule("argmax", (0.0, 0.0)))  # the argmax rule scores nothing on validation
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    stored = json.loads(open(path).read(), parse_constant=refuse)  # as strict readers (R, JavaScript, jq) do
+    assert stored["val_balanced_accuracy"] is None
+    back = decision.load(path)
+    assert back.mode == "argmax" and math.isnan(back.val_balanced_accuracy)
+    assert math.isnan(back.val_balanced_accuracy_adjusted)
+
+
 @pytest.mark.parametrize("field, value, words", [
     ("eval.decision", "threshold", ["eval.decision", "threshold", "prior"]),
     ("eval.tta", 1, ["eval.tta", "True or False"]),
