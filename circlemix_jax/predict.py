@@ -35,6 +35,10 @@ from circlemix_jax.data.manifest import read_csv, resolve_path
 from circlemix_jax.errors import InputError, first_few
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# An image is taken for a mask when it has no colour (channels within MASK_MARGIN of each other)
+# and at least MASK_SHARE of its pixels lie within MASK_MARGIN of black or white.
+MASK_MARGIN = 24
+MASK_SHARE = 0.8  # the public set's masks: at least 0.89 even at 32 px; its tissue in grey: at most 0.6
 
 
 def read_inputs(manifest: str | None, images: str | None) -> tuple[list[str], list[str], list[str] | None]:
@@ -126,9 +130,9 @@ def predict_logits(workdir: str, paths: list[str], decoded: dict, workers: int =
     size = config.data.image_size
     if size not in decoded:
         decoded[size] = pipeline.decode_all(paths, size, workers, f"decoding at {size}px")
-        warning = greyscale_warning(paths, decoded[size], config)
-        if warning:
-            print(warning, flush=True)
+        for warning in (mask_warning(paths, decoded[size]), greyscale_warning(paths, decoded[size], config)):
+            if warning:
+                print(warning, flush=True)
     images = decoded[size]
     batch = config.eval_batch_size - config.eval_batch_size % jax.device_count() or jax.device_count()
     logits = steplib.evaluate(eval_fn, state, images, np.zeros(len(paths), np.int32), batch, mesh)
@@ -154,6 +158,25 @@ def greyscale_warning(paths, images: np.ndarray, config) -> str | None:
            "worse on these than on colour scans" if seen else
            "the model never saw a grey image in training, so its predictions for them are unreliable")
     return f"WARNING: {len(grey)} of {len(paths)} images are greyscale ({first_few(grey, 3)}): {why}"
+
+
+def mask_warning(paths, images: np.ndarray) -> str | None:
+    """A WARNING line naming the images that look like masks (black and white), or None.
+
+    Data sets often keep each glomerulus's mask beside its image (the public set
+    does), and `--images DIR` reads every image under DIR; a mask would be
+    predicted as a glomerulus and counted in its folder's percentages.
+    """
+    images = np.asarray(images)
+    # Mask pixels sit at the two extremes (a little off them after JPEG or resizing); stained tissue does not.
+    extreme = ((images <= MASK_MARGIN) | (images >= 255 - MASK_MARGIN)).all(-1).mean((1, 2))
+    grey = (images.max(-1).astype(np.int16) - images.min(-1)).max((1, 2)) <= MASK_MARGIN
+    masks = [p for p, e, g in zip(paths, extreme, grey) if g and e >= MASK_SHARE]
+    if not masks:
+        return None
+    return (f"WARNING: {len(masks)} of {len(paths)} images look like masks, not stained tissue (only black and "
+            f"white: {first_few(masks, 3)}); leave them out of the manifest, or point --images at the images' "
+            "own folder")
 
 
 def sclerotic_ids(class_names) -> list[int]:

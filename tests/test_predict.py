@@ -168,3 +168,38 @@ def test_greyscale_images_are_named():
     assert "only as a training augmentation (10% of them)" in line
     recipe.data.input_norm = "gray_per_image"
     assert predict.greyscale_warning(["a", "b", "c"], grey, recipe) is None
+
+
+def test_masks_among_the_images_are_named(tmp_path):
+    from PIL import Image, ImageDraw
+
+    from circlemix_jax.data import pipeline
+
+    big = Image.new("L", (224, 224), 0)  # a glomerulus mask as data sets keep them: a white disc on black
+    ImageDraw.Draw(big).ellipse((20, 30, 200, 210), fill=255)
+    big.convert("RGB").save(tmp_path / "mask.png")
+    rng = np.random.default_rng(0)
+    tissue = rng.normal(150, 40, (224, 224)).clip(0, 255).astype(np.uint8)  # a grey scan: mid-tones
+    Image.fromarray(tissue).convert("RGB").save(tmp_path / "grey.png")
+    stained = np.stack([tissue, tissue // 2, tissue], -1)  # colour, with near-black and near-white pixels
+    Image.fromarray(stained).save(tmp_path / "stained.png")
+    paths = [str(tmp_path / n) for n in ("stained.png", "mask.png", "grey.png")]
+    for size in (32, 96, 224):
+        images = np.stack([pipeline.load_image(p, size) for p in paths])
+        line = predict.mask_warning(paths, images)
+        assert line.startswith("WARNING: 1 of 3 images look like masks") and paths[1] in line
+        assert predict.mask_warning([paths[0], paths[2]], images[[0, 2]]) is None
+
+
+def test_the_public_sets_masks_are_told_from_its_images(shared_manifest):
+    from circlemix_jax.data import manifest, pipeline
+
+    rows = manifest.read_csv(shared_manifest)[1][::10]
+    images = [manifest.resolve_path(shared_manifest, r["path"]) for r in rows]
+    masks = [manifest.resolve_path(shared_manifest, r["mask"]) for r in rows]
+    for size in (32, 96):
+        assert predict.mask_warning(images, pipeline.decode_all(images, size)) is None
+        grey = pipeline.decode_all(images, size).mean(-1, keepdims=True).repeat(3, -1).astype(np.uint8)
+        assert predict.mask_warning(images, grey) is None
+        assert predict.mask_warning(masks, pipeline.decode_all(masks, size)).startswith(
+            f"WARNING: {len(masks)} of {len(masks)} images look like masks")
