@@ -128,6 +128,7 @@ def check_run_config(config, num_devices: int = 1) -> None:
         raise _fail("data.label_map", label_map, f"maps onto {bad[0]!r}, which is not in class_names {list(names)}")
 
     _bool(config, "augment.basic")
+    _bool(config, "data.balance_centers")
     _int(config, "augment.max_crop", 0, size // 2)
 
     try:

@@ -96,7 +96,7 @@ def balanced_accuracy(labels: np.ndarray, preds: np.ndarray, num_classes: int) -
 
 
 def fit(mode: str, val_logits: np.ndarray, val_labels: np.ndarray, train_labels: np.ndarray,
-        num_classes: int) -> Rule:
+        num_classes: int, train_probs: np.ndarray | None = None) -> Rule:
     """Fits a rule of `mode` (see the module notes).
 
     Args:
@@ -105,6 +105,8 @@ def fit(mode: str, val_logits: np.ndarray, val_labels: np.ndarray, train_labels:
       val_labels: (N,) local validation labels.
       train_labels: local training labels (for 'prior').
       num_classes: K.
+      train_probs: the training batches' sampling probabilities per example, or None
+        for a plain shuffle; 'prior' uses the class frequencies the batches hold.
 
     Returns:
       The rule, with its validation balanced accuracy before and after.
@@ -116,7 +118,8 @@ def fit(mode: str, val_logits: np.ndarray, val_labels: np.ndarray, train_labels:
     bias = np.zeros(num_classes)
     if mode == "prior":
         # Add-one counts: a class without training images gets a finite (large) bias, not inf.
-        counts = np.bincount(np.asarray(train_labels, np.int64), minlength=num_classes) + 1.0
+        weights = None if train_probs is None else np.asarray(train_probs) * len(train_labels)
+        counts = np.bincount(np.asarray(train_labels, np.int64), weights, minlength=num_classes) + 1.0
         bias = -np.log(counts / counts.sum())
         bias -= bias.mean()  # only differences matter; centred for readability
     elif mode == "val" and len(val_labels):

@@ -184,16 +184,19 @@ def ema_update(ema: Any, params: Any, batch_stats: Any, step: jax.Array, decay: 
     return jax.tree_util.tree_map(lambda e, x: d * e + (1.0 - d) * x, ema, new)
 
 
-def log_prior(config, labels: np.ndarray) -> np.ndarray | None:
-    """log of the training set's class frequencies (add-one smoothed), or None when unused.
+def log_prior(config, labels: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray | None:
+    """log of the class frequencies the training batches hold (add-one smoothed), or None when unused.
 
     Args:
       config: the run's config; None unless `optim.logit_adjust` > 0.
       labels: the training labels, ids into the stage's classes.
+      probs: the batches' sampling probabilities per example (`pipeline.balanced_probs`), or None
+        for a plain shuffle.
     """
     if _optim(config, "logit_adjust", 0.0) <= 0:
         return None
-    counts = np.bincount(np.asarray(labels), minlength=len(config.classes)).astype(np.float64)
+    weights = None if probs is None else np.asarray(probs) * len(labels)
+    counts = np.bincount(np.asarray(labels), weights, minlength=len(config.classes)).astype(np.float64)
     return np.log((counts + 1.0) / (counts.sum() + len(counts))).astype(np.float32)
 
 

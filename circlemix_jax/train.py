@@ -66,6 +66,7 @@ class Inputs:
     test_records: data.Records  # every image of the test fold (children need them all to merge)
     images: dict  # {'train', 'val', 'test'}: decoded uint8 (N, S, S, 3), in memory or image_cache.ImageRows
     split_record: dict  # what split.json holds
+    train_probs: np.ndarray | None = None  # sampling probabilities of the training images (data.balance_centers)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -119,6 +120,11 @@ def check(config, workdir: str) -> Inputs | dict:
     if pipeline.steps_per_epoch(len(parts["train"]), config.batch_size) == 0:
         raise InputError(f"config field batch_size={config.batch_size} exceeds the {len(parts['train'])} "
                          "training images")
+    # Read before anything is decoded, so a manifest without a `center` column fails at once.
+    train_probs = None
+    if config.data.get("balance_centers", False):
+        where = data.centers(parts["train"], "data.balance_centers=True")
+        train_probs = pipeline.balanced_probs(parts["train"].labels, where)
     test_records = records.take(split.test)
     workers = config.data.workers
     named = (("train", parts["train"]), ("val", parts["val"]), ("test", test_records))
@@ -130,7 +136,7 @@ def check(config, workdir: str) -> Inputs | dict:
     rundir.check_pixels(workdir, fingerprints)
     for name, fp in fingerprints.items():
         record[name]["pixels_sha256"] = fp
-    return Inputs(config, workdir, config_json, records, split, parts, test_records, images, record)
+    return Inputs(config, workdir, config_json, records, split, parts, test_records, images, record, train_probs)
 
 
 def decoded_images(config, records: data.Records, named) -> dict:
@@ -192,7 +198,8 @@ def prepare(inputs: Inputs, ckpts: checkpoint.RunCheckpoints) -> tuple[Machinery
     tx = steplib.make_optimizer(config)
     variables = initial_variables(config, model, config.data.image_size)
     state = steplib.replicate(steplib.init_state(variables, tx, ema=steplib.ema_enabled(config),
-                                                 log_prior=steplib.log_prior(config, inputs.parts["train"].labels)),
+                                                 log_prior=steplib.log_prior(config, inputs.parts["train"].labels,
+                                                                              inputs.train_probs)),
                               mesh)
     progress = {"epochs_done": 0, "best_val_balanced_accuracy": -1.0, "best_epoch": -1, "history": []}
     resumed = ckpts.restore_latest_good(checkpoint.abstract_like(state), log)
@@ -304,7 +311,8 @@ def train(inputs: Inputs, m: Machinery, state, progress: dict, ckpts, stop: Stop
             meter.start_epoch(step)
             batches = pipeline.train_batches(train_x, train_y, config.batch_size, config.seed, epoch,
                                              start=step - epoch * spe,
-                                             workers=pipeline.loader_threads(config.data.workers))
+                                             workers=pipeline.loader_threads(config.data.workers),
+                                             probs=inputs.train_probs)
             state, step = epoch_steps.run_steps(loop, state, batches, step, epoch, progress)
             meter.train_done(step)
             logits = steplib.evaluate(m.eval_fn, state, val_x, val_y, config.eval_batch_size, m.mesh)
@@ -348,7 +356,8 @@ def fit_decision(inputs: Inputs, m: Machinery, best) -> decision.Rule:
         return decision.Rule("argmax", (0.0,) * len(config.classes))
     val_y = inputs.parts["val"].labels
     val_logits = steplib.evaluate(m.eval_fn, best, inputs.images["val"], val_y, config.eval_batch_size, m.mesh)
-    return decision.fit(config.eval.decision, val_logits, val_y, inputs.parts["train"].labels, len(config.classes))
+    return decision.fit(config.eval.decision, val_logits, val_y, inputs.parts["train"].labels, len(config.classes),
+                        inputs.train_probs)
 
 
 def write(inputs: Inputs, progress: dict, logits: np.ndarray, rule: decision.Rule) -> dict:

@@ -174,16 +174,18 @@ def read_manifest(path: str, class_names, label_map=None) -> Records:
     return Records(np.array(paths), np.array(labels, np.int32), np.array(raw), np.array(subjects), names, path)
 
 
-def center_names(path: str) -> list[str]:
+def center_names(path: str, needed_for: str = "split='leave_one_center_out'") -> list[str]:
     """The sorted distinct values of a manifest's `center` column: fold k of a
     leave-one-centre-out split tests on centre k.
+
+    `needed_for` names, in the error, the setting that reads the column.
 
     Raises:
       InputError: no such column, or a row without a centre.
     """
     header, rows = read_csv(path)
     if CENTER_COLUMN not in header:
-        raise InputError(f"{path}: split='leave_one_center_out' needs a '{CENTER_COLUMN}' column; "
+        raise InputError(f"{path}: {needed_for} needs a '{CENTER_COLUMN}' column; "
                          f"the header is {header}")
     blank = [f"line {i}" for i, r in enumerate(rows, start=2) if not (r.get(CENTER_COLUMN) or "").strip()]
     if blank:
@@ -191,18 +193,18 @@ def center_names(path: str) -> list[str]:
     return sorted({r[CENTER_COLUMN].strip() for r in rows})
 
 
-def path_centers(path: str) -> dict[str, str]:
+def path_centers(path: str, needed_for: str = "split='leave_one_center_out'") -> dict[str, str]:
     """{absolute image path: centre} of a manifest (paths resolved as `read_manifest` does).
 
     Raises:
       InputError: as `center_names`.
     """
-    center_names(path)  # the column checks
+    center_names(path, needed_for)  # the column checks
     return {resolve_path(path, r["path"]): r[CENTER_COLUMN].strip()
             for r in read_csv(path)[1] if (r.get("path") or "").strip()}
 
 
-def centers(records: Records) -> np.ndarray:
+def centers(records: Records, needed_for: str = "split='leave_one_center_out'") -> np.ndarray:
     """The `center` of every record, read again from its manifest and matched by path."""
-    by_path = path_centers(records.source)
+    by_path = path_centers(records.source, needed_for)
     return np.array([by_path[p] for p in records.paths])
