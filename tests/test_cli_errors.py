@@ -110,6 +110,12 @@ def test_class_missing_from_training_split(tmp_path, synthetic_manifest, workdir
            "no training images")
 
 
+def test_balancing_centres_without_a_center_column(synthetic_manifest, workdir):
+    _check(_train(synthetic_manifest, workdir, "--config.data.balance_centers=True"),
+           "data.balance_centers=True needs a 'center' column", "manifest.csv")
+    assert sorted(os.listdir(workdir)) == ["keep.txt"]
+
+
 def test_workdir_with_different_config(synthetic_manifest, workdir):
     config = defaults.get_config("binary", "smoke")
     with config.unlocked():

@@ -1,4 +1,4 @@
-"""A real run with TTA, a fitted decision rule and a held-out centre; predict under the stored rule."""
+"""A real run: TTA, a fitted decision rule, centre-balanced batches, a held-out centre; predict under its rule."""
 
 import csv
 import json
@@ -39,7 +39,7 @@ def run(centred_manifest, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("eval-run") / "run")
     result = run_cli(*CMD, f"--workdir={workdir}", f"--config.data.manifest={centred_manifest}",
                      "--config.split=leave_one_center_out", "--config.fold=1", "--config.eval.tta=True",
-                     "--config.eval.decision=val", timeout=1200)
+                     "--config.eval.decision=val", "--config.data.balance_centers=True", timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir, result
 

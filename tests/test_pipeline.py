@@ -92,3 +92,36 @@ def test_loaders_keep_every_thread_busy_without_grain_warnings(caplog, workers):
         evals = list(pipeline.eval_batches(images, labels, 6, workers=workers))
     assert len(train) == 10 and sum(b["mask"].sum() for b in evals) == 40
     assert "prefetch_buffer_size" not in caplog.text
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balanced_probs_give_every_centre_and_class_cell_the_same_weight(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 300))
+    groups = rng.choice(["SAS", "SESCAM", "VUHSK", "X"], n, p=[0.2, 0.3, 0.45, 0.05])
+    labels = (rng.random(n) < np.where(groups == "VUHSK", 0.04, 0.4)).astype(int)  # the class mix varies
+    probs = pipeline.balanced_probs(labels, groups)
+    cells = {(g, y) for g, y in zip(groups, labels)}
+    assert probs.min() > 0 and np.isclose(probs.sum(), 1.0)
+    for g, y in cells:  # present cells weigh the same; within a cell every image the same
+        inside = probs[(groups == g) & (labels == y)]
+        assert np.isclose(inside.sum(), 1 / len(cells)) and np.allclose(inside, inside[0])
+
+
+def test_weighted_batches_draw_by_the_probabilities_and_replay_on_resume():
+    n, bs = 40, 8
+    images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    labels = np.arange(n)
+    probs = np.zeros(n)
+    probs[:4] = 0.2  # four examples carry 80% of the mass, the rest 20%
+    probs[4:] = 0.2 / (n - 4)
+
+    def order(epoch, start=0):
+        return [b["label"].tolist() for b in
+                pipeline.train_batches(images, labels, bs, 0, epoch, start=start, probs=probs)]
+
+    e0 = order(0)
+    assert len(e0) == n // bs and all(len(b) == bs for b in e0)  # an epoch keeps its length
+    assert e0 == order(0) and e0 != order(1) and order(0, start=2) == e0[2:]
+    drawn = np.array([x for epoch in range(50) for b in order(epoch) for x in b])
+    assert abs(np.isin(drawn, np.arange(4)).mean() - 0.8) < 0.03  # 2,000 draws: ±0.03 is >3 sigma

@@ -428,6 +428,11 @@ def test_train_step_keeps_the_ema_and_adjusts_the_loss_by_the_prior():
     prior = step.log_prior(c, labels)
     np.testing.assert_allclose(prior, np.log([7 / 10, 3 / 10]), rtol=1e-6)
     assert step.log_prior(_config(), labels) is None
+    # Batches balanced over (centre, class) hold the classes half and half: the adjustment is flat.
+    from circlemix_jax.data import pipeline
+
+    balanced = pipeline.balanced_probs(labels, np.array(list("AABBBBAB")))
+    np.testing.assert_allclose(step.log_prior(c, labels, balanced), np.log([0.5, 0.5]), rtol=1e-6)
     state = step.init_state(variables, tx, ema=True, log_prior=prior)
     mesh = step.make_mesh(1)
     train = step.parallel_train_step(c, model, tx, mesh)
