@@ -44,6 +44,7 @@ from circlemix_jax import (
 )
 from circlemix_jax.cli import StopRequest, install_stop_handlers
 from circlemix_jax.data import image_cache, pipeline
+from circlemix_jax.data.manifest import read_csv
 from circlemix_jax.defaults import method_name
 from circlemix_jax.epoch_steps import Stopped
 from circlemix_jax.errors import InputError
@@ -88,6 +89,26 @@ def load_fold(config):
     return records, split, parts
 
 
+def sampling_probs(config, train: data.Records) -> np.ndarray | None:
+    """The training batches' sampling probabilities (`data.balance_centers`), or None for a plain shuffle.
+
+    A manifest without a `center` column is taken as one centre, so the batches
+    balance the classes only; a line says so.
+
+    Raises:
+      InputError: a row without a centre.
+    """
+    if not config.data.get("balance_centers", False):
+        return None
+    if data.CENTER_COLUMN in read_csv(train.source)[0]:
+        where = data.centers(train, "data.balance_centers=True")
+    else:
+        log(f"BALANCE: {train.source} has no '{data.CENTER_COLUMN}' column, so the training batches balance "
+            "the classes only (add the column to balance centres too)")
+        where = np.zeros(len(train), np.int64)
+    return pipeline.balanced_probs(train.labels, where)
+
+
 def check(config, workdir: str) -> Inputs | dict:
     """Every check on the user's input, reading only.
 
@@ -120,11 +141,7 @@ def check(config, workdir: str) -> Inputs | dict:
     if pipeline.steps_per_epoch(len(parts["train"]), config.batch_size) == 0:
         raise InputError(f"config field batch_size={config.batch_size} exceeds the {len(parts['train'])} "
                          "training images")
-    # Read before anything is decoded, so a manifest without a `center` column fails at once.
-    train_probs = None
-    if config.data.get("balance_centers", False):
-        where = data.centers(parts["train"], "data.balance_centers=True")
-        train_probs = pipeline.balanced_probs(parts["train"].labels, where)
+    train_probs = sampling_probs(config, parts["train"])  # before decoding: a blank centre fails at once
     test_records = records.take(split.test)
     workers = config.data.workers
     named = (("train", parts["train"]), ("val", parts["val"]), ("test", test_records))

@@ -110,9 +110,10 @@ def test_class_missing_from_training_split(tmp_path, synthetic_manifest, workdir
            "no training images")
 
 
-def test_balancing_centres_without_a_center_column(synthetic_manifest, workdir):
-    _check(_train(synthetic_manifest, workdir, "--config.data.balance_centers=True"),
-           "data.balance_centers=True needs a 'center' column", "manifest.csv")
+def test_balancing_centres_with_a_blank_centre(synthetic_manifest, tmp_path, workdir):
+    rows = [dict(r, center="A" if i % 9 else "") for i, r in enumerate(_rows(synthetic_manifest))]
+    m = _write(tmp_path / "m.csv", rows, ("path", "label", "subject", "center"))
+    _check(_train(m, workdir, "--config.data.balance_centers=True"), "m.csv", "empty 'center' at line 2")
     assert sorted(os.listdir(workdir)) == ["keep.txt"]
 
 

@@ -125,3 +125,18 @@ def test_weighted_batches_draw_by_the_probabilities_and_replay_on_resume():
     assert e0 == order(0) and e0 != order(1) and order(0, start=2) == e0[2:]
     drawn = np.array([x for epoch in range(50) for b in order(epoch) for x in b])
     assert abs(np.isin(drawn, np.arange(4)).mean() - 0.8) < 0.03  # 2,000 draws: ±0.03 is >3 sigma
+
+
+def test_a_manifest_without_centres_balances_the_classes_only(synthetic_manifest, capsys):
+    from circlemix_jax import data, train
+    from circlemix_jax.defaults import get_config
+
+    config = get_config("binary", "scratch")
+    records = data.read_manifest(synthetic_manifest, config.class_names, config.data.label_map.to_dict())
+    config.data.balance_centers = True
+    probs = train.sampling_probs(config, records)
+    assert "has no 'center' column, so the training batches balance the classes only" in capsys.readouterr().out
+    for k in (0, 1):
+        assert np.isclose(probs[records.labels == k].sum(), 0.5)
+    config.data.balance_centers = False
+    assert train.sampling_probs(config, records) is None
