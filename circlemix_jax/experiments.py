@@ -405,6 +405,8 @@ def training_summary(b) -> str:
     if extra:
         parts.append("augmentation: " + ", ".join(extra))
     parts.append(f"input normalisation '{b.data.input_norm}'")
+    if b.data.get("balance_centers", False):
+        parts.append("batches balanced over centre and class")
     parts.append(f"CircleMix sampler '{b.mix.sampler}', mixing granularity '{b.mix.granularity}', "
                  f"lambda from '{b.mix.lam_mode}'")
     return ", ".join(parts)
