@@ -6,7 +6,7 @@ Command:
 Arguments (the part after ':' in --config, comma-separated):
   smoke      a tiny run for tests (32 px, 2 epochs)
   scratch    the recommended recipe without ImageNet weights (`defaults.scratch`): cosine lr with
-             warm-up, Nesterov, weight decay, EMA weights, label smoothing, logit-adjusted loss,
+             warm-up, Nesterov, weight decay, EMA weights, label smoothing, batches balanced over centre and class,
              the best epoch chosen from the second half, 8 dihedral views, small rotations,
              colour and stain jitter, each image standardised in optical density,
              at 96 px for 30 epochs
