@@ -128,8 +128,9 @@ def balanced_probs(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
     Returns:
       (N,) float64 probabilities summing to 1.
     """
-    cells = np.unique(np.stack([np.unique(groups, return_inverse=True)[1], np.asarray(labels)]), axis=1,
-                      return_inverse=True)[1].ravel()
+    group_ids = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    pairs = np.stack([group_ids, np.asarray(labels)], axis=1)
+    cells = np.unique(pairs, axis=0, return_inverse=True)[1].ravel()  # one id per (group, label)
     counts = np.bincount(cells)
     probs = 1.0 / (counts[cells] * len(counts))
     return probs / probs.sum()
