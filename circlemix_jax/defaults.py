@@ -84,8 +84,8 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     # stain's strength: 'od_per_image' or 'gray_per_image' (colour.model_input).
     c.data.input_norm = "dataset"
     # True: training batches draw every (centre, class) cell of the training set equally
-    # often (`pipeline.balanced_probs`; needs the manifest's `center` column), so a
-    # centre's look says nothing about the label.
+    # often (`pipeline.balanced_probs`; from the manifest's `center` column, else the
+    # classes only), so a centre's look says nothing about the label.
     c.data.balance_centers = False
     c.data.workers = 4
     # Where the decoded images live (image_cache.py): 'memory' (decoded at every start),
