@@ -32,6 +32,7 @@ import dataclasses
 import numpy as np
 
 from circlemix_jax import rundir
+from circlemix_jax.data import pipeline
 from circlemix_jax.errors import InputError
 
 MODES = ("argmax", "prior", "val")
@@ -118,8 +119,7 @@ def fit(mode: str, val_logits: np.ndarray, val_labels: np.ndarray, train_labels:
     bias = np.zeros(num_classes)
     if mode == "prior":
         # Add-one counts: a class without training images gets a finite (large) bias, not inf.
-        weights = None if train_probs is None else np.asarray(train_probs) * len(train_labels)
-        counts = np.bincount(np.asarray(train_labels, np.int64), weights, minlength=num_classes) + 1.0
+        counts = pipeline.class_counts(train_labels, num_classes, train_probs) + 1.0
         bias = -np.log(counts / counts.sum())
         bias -= bias.mean()  # only differences matter; centred for readability
     elif mode == "val" and len(val_labels):

@@ -195,8 +195,7 @@ def log_prior(config, labels: np.ndarray, probs: np.ndarray | None = None) -> np
     """
     if _optim(config, "logit_adjust", 0.0) <= 0:
         return None
-    weights = None if probs is None else np.asarray(probs) * len(labels)
-    counts = np.bincount(np.asarray(labels), weights, minlength=len(config.classes)).astype(np.float64)
+    counts = pipeline.class_counts(labels, len(config.classes), probs)
     return np.log((counts + 1.0) / (counts.sum() + len(counts))).astype(np.float32)
 
 

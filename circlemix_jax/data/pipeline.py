@@ -136,6 +136,21 @@ def balanced_probs(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return probs / probs.sum()
 
 
+def class_counts(labels: np.ndarray, num_classes: int, probs: np.ndarray | None = None) -> np.ndarray:
+    """How many images of each class an epoch of `train_batches` holds, on average.
+
+    Args:
+      labels: (N,) class ids.
+      num_classes: K.
+      probs: the epoch's sampling probabilities (`balanced_probs`), or None for a plain shuffle.
+
+    Returns:
+      (K,) float64 counts summing to N.
+    """
+    weights = None if probs is None else np.asarray(probs) * len(labels)
+    return np.bincount(np.asarray(labels, np.int64), weights, minlength=num_classes).astype(np.float64)
+
+
 def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, epoch: int,
                   start: int = 0, workers: int = 4, probs: np.ndarray | None = None
                   ) -> Iterator[dict[str, np.ndarray]]:
