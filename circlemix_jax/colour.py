@@ -1,4 +1,4 @@
-"""On-device colour and stain augmentation of RGB images in [0, 1].
+"""On-device colour, stain and scanner augmentation of RGB images in [0, 1].
 
 Stain colour differs between centres and scanners, and on the public set the
 centre is confounded with the label, so a network can score well by reading the
@@ -17,6 +17,11 @@ stain instead of the glomerulus. These jitters make colour an unreliable cue:
   but not how a lab's heavy staining compresses dense regions against light
   ones; a power changes exactly that ratio.
 - `grayscale`: with some probability, an example loses its colour entirely.
+- `blur` and `noise`: a Gaussian blur of random width and additive Gaussian noise,
+  per example. Scanners differ in focus, optics and sensor noise as well as in
+  colour, and a network that leans on the finest texture one scanner resolves can
+  misread another's (Tellez et al. 2019 found such "morphology" jitter, with the
+  colour ones, best across centres).
 
 All are pure functions `(rng, images) -> images`, drawn independently for each
 example, jit- and vmap-friendly, and the identity at zero strength.
@@ -176,17 +181,96 @@ def grayscale(rng, images, *, prob=0.0):
     return jnp.where(pick, jnp.broadcast_to(_gray(images), images.shape), images)
 
 
+def _gaussian_taps(sigma, radius):
+    """Normalised 1-D Gaussian weights (B, 2 * radius + 1) for per-example widths `sigma` (B,)."""
+    k = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    # A width of 0 is the identity: every weight but the centre's underflows to 0.
+    w = jnp.exp(-0.5 * (k / jnp.maximum(sigma, 1e-3)[:, None]) ** 2)
+    return w / jnp.sum(w, axis=1, keepdims=True)
+
+
+def _smooth_axis(x, taps, axis):
+    """Convolves (B, H, W, C) along `axis` (1 or 2) with each example's taps, mirrored borders."""
+    radius = (taps.shape[1] - 1) // 2
+    pad = [(0, 0)] * 4
+    pad[axis] = (radius, radius)
+    xp = jnp.pad(x, pad, mode="reflect")
+    n = x.shape[axis]
+    # Static shifted slices and a weighted sum: elementwise, so it vectorises on every backend.
+    out = 0.0
+    for j in range(taps.shape[1]):
+        part = jax.lax.slice_in_dim(xp, j, j + n, axis=axis)
+        out = out + taps[:, j, None, None, None] * part
+    return out
+
+
+def gaussian_blur(images, sigma, radius):
+    """Blurs each example (B, H, W, C) with its own Gaussian std `sigma` (B,) in pixels.
+
+    Separable, truncated at `radius` pixels (static), with mirrored borders (numpy's
+    'reflect'); a std of 0 returns the example unchanged.
+    """
+    taps = _gaussian_taps(sigma, radius)
+    return _smooth_axis(_smooth_axis(images.astype(jnp.float32), taps, 1), taps, 2).astype(images.dtype)
+
+
+def blur(rng, images, *, fraction=0.0):
+    """A Gaussian blur of each example, its std drawn from U(0, fraction * side).
+
+    The width is a fraction of the image side, so the same setting blurs the same
+    tissue at any image size.
+
+    Args:
+        rng: PRNG key.
+        images: Float RGB images (B, H, W, 3) in [0, 1].
+        fraction: The largest std as a fraction of the image side (static); 0 returns the
+            images unchanged.
+
+    Returns:
+        Images of the same shape and dtype.
+    """
+    max_sigma = fraction * max(images.shape[1], images.shape[2])
+    if not max_sigma:
+        return images
+    sigma = jax.random.uniform(rng, (images.shape[0],), maxval=max_sigma)
+    # Three stds hold 99.7% of the weight; a mirrored pad cannot exceed the side.
+    radius = max(1, min(int(np.ceil(3.0 * max_sigma)), min(images.shape[1:3]) - 1))
+    return gaussian_blur(images, sigma, radius)
+
+
+def noise(rng, images, *, std=0.0):
+    """Adds Gaussian noise to each example, its std drawn from U(0, std), clipped to [0, 1].
+
+    Args:
+        rng: PRNG key.
+        images: Float RGB images (B, H, W, 3) in [0, 1].
+        std: The largest noise std in image units (static); 0 returns the images unchanged.
+
+    Returns:
+        Images of the same shape and dtype, in [0, 1].
+    """
+    if not std:
+        return images
+    k_std, k_noise = jax.random.split(rng)
+    s = jax.random.uniform(k_std, (images.shape[0], 1, 1, 1), maxval=std)
+    x = images.astype(jnp.float32) + s * jax.random.normal(k_noise, images.shape)
+    return jnp.clip(x, 0.0, 1.0).astype(images.dtype)
+
+
 def augment(rng, images, options):
     """Every jitter of `options` (a `config.augment.colour` mapping) in a fixed order.
 
-    Stain and density first (they model the slide), then the camera-like jitters, then grey.
+    Stain and density first (they model the slide), then the scanner's blur, the
+    camera-like jitters and its noise, then grey.
     """
     k_stain, k_colour, k_gray = jax.random.split(rng, 3)
     x = jitter_stain(k_stain, images, strength=options.get("stain", 0.0))
-    # Its own key from the stain's, so adding it left every other draw as it was.
+    # Their own keys from the stain's, so adding them left every other draw as it was.
     x = jitter_density(jax.random.fold_in(k_stain, 1), x, strength=options.get("density", 0.0))
+    x = blur(jax.random.fold_in(k_stain, 2), x, fraction=options.get("blur", 0.0))
     x = jitter_colour(k_colour, x, brightness=options.get("brightness", 0.0), contrast=options.get("contrast", 0.0),
                       saturation=options.get("saturation", 0.0), hue=options.get("hue", 0.0))
+    x = noise(jax.random.fold_in(k_stain, 3), x, std=options.get("noise", 0.0))
     return grayscale(k_gray, x, prob=options.get("grayscale", 0.0))
 
 
@@ -238,9 +322,11 @@ def is_off(options) -> bool:
 
 
 # Field -> (low, high) inclusive, and why the bound: a factor 1 - s must stay > 0,
-# a hue shift of half a turn already reaches every hue, a density power beyond 1/2..2 is not tissue.
+# a hue shift of half a turn already reaches every hue, a density power beyond 1/2..2 is not tissue,
+# a blur wider than a tenth of the side or noise beyond a fifth of the range leaves no glomerulus.
 RANGES = {"brightness": (0.0, 0.99), "contrast": (0.0, 0.99), "saturation": (0.0, 1.0), "hue": (0.0, 0.5),
-          "stain": (0.0, 0.99), "density": (0.0, 1.0), "grayscale": (0.0, 1.0)}
+          "stain": (0.0, 0.99), "density": (0.0, 1.0), "grayscale": (0.0, 1.0), "blur": (0.0, 0.1),
+          "noise": (0.0, 0.2)}
 
 
 def check_options(options) -> None:

@@ -110,7 +110,7 @@ def get_config(stage: str = "c5", arg: str = "") -> ml_collections.ConfigDict:
     c.augment.scale = (1.0, 1.0)
     c.augment.colour = ml_collections.ConfigDict(
         {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0, "stain": 0.0, "density": 0.0,
-         "grayscale": 0.0})
+         "grayscale": 0.0, "blur": 0.0, "noise": 0.0})
 
     c.mix = ml_collections.ConfigDict()
     c.mix.method = "none" if not methods or methods[0] == "baseline" else methods[0]

@@ -11,13 +11,15 @@ from circlemix_jax import colour
 from circlemix_jax.errors import InputError
 
 STRONG = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.5, "hue": 0.1, "stain": 0.5, "density": 0.5,
-          "grayscale": 0.3}
+          "grayscale": 0.3, "blur": 0.05, "noise": 0.05}
 FUNCTIONS = {
     "colour": lambda k, x, s: colour.jitter_colour(k, x, brightness=0.3 * s, contrast=0.3 * s, saturation=0.5 * s,
                                                    hue=0.1 * s),
     "stain": lambda k, x, s: colour.jitter_stain(k, x, strength=0.5 * s),
     "density": lambda k, x, s: colour.jitter_density(k, x, strength=0.5 * s),
     "grayscale": lambda k, x, s: colour.grayscale(k, x, prob=0.5 * s),
+    "blur": lambda k, x, s: colour.blur(k, x, fraction=0.1 * s),
+    "noise": lambda k, x, s: colour.noise(k, x, std=0.05 * s),
     "all": lambda k, x, s: colour.augment(k, x, {n: v * s for n, v in STRONG.items()}),
 }
 
@@ -129,8 +131,42 @@ def test_density_jitter_is_a_power_of_each_images_optical_density():
         assert (np.diff(after[i, ..., 1].ravel()[order]) >= -1e-4).all()
 
 
+def test_gaussian_blur_matches_scipy_per_example():
+    from scipy import ndimage
+
+    x = _images(3, 16, 13)
+    sigma = np.array([0.0, 0.7, 2.0], np.float32)
+    out = np.asarray(colour.gaussian_blur(x, jnp.asarray(sigma), radius=6))
+    for i, s in enumerate(sigma):
+        # scipy's 'mirror' is numpy's 'reflect' (the edge pixel is not repeated).
+        want = np.asarray(x[i]) if s == 0 else ndimage.gaussian_filter(
+            np.asarray(x[i]), (s, s, 0), mode="mirror", truncate=6 / s)
+        np.testing.assert_allclose(out[i], want, atol=1e-5)
+
+
+def test_blur_widths_are_a_fraction_of_the_side_whatever_the_size():
+    # An impulse's spread after the blur is its std: within [0, fraction * side] at each size.
+    for side in (24, 48):
+        x = jnp.zeros((64, side, side, 3)).at[:, side // 2, side // 2].set(1.0)
+        out = np.asarray(colour.blur(jax.random.key(0), x, fraction=0.05))[..., 0]
+        d = np.arange(side) - side // 2
+        spread = np.sqrt((out.sum(axis=2) * d ** 2).sum(axis=1) / out.sum(axis=(1, 2)))
+        assert spread.max() <= 0.05 * side + 1e-3 and spread.max() > 0.8 * 0.05 * side
+        assert spread.min() < 0.2 * 0.05 * side
+        np.testing.assert_allclose(out.sum(axis=(1, 2)), 1.0, rtol=1e-4)  # nothing lost
+
+
+def test_noise_is_zero_mean_with_a_per_example_std_up_to_the_setting():
+    x = jnp.full((64, 32, 32, 3), 0.5)
+    diff = np.asarray(colour.noise(jax.random.key(0), x, std=0.05)) - 0.5
+    std = diff.reshape(64, -1).std(axis=1)
+    assert abs(diff.mean()) < 1e-3 and std.max() <= 0.05 * 1.05 and std.min() < 0.01
+    assert np.ptp(std) > 0.03
+
+
 @pytest.mark.parametrize("field,value", [("hue", 0.6), ("stain", -0.1), ("density", 1.5), ("brightness", 1.0),
-                                         ("grayscale", True), ("saturation", "a lot"), ("sharpness", 0.1)])
+                                         ("grayscale", True), ("saturation", "a lot"), ("sharpness", 0.1),
+                                         ("blur", 0.2), ("noise", -0.01)])
 def test_check_options_names_the_field(field, value):
     options = dict.fromkeys(colour.RANGES, 0.0) | {field: value}
     with pytest.raises(InputError, match=f"augment.colour.{field}"):
