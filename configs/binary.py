@@ -9,7 +9,7 @@ Arguments (the part after ':' in --config, comma-separated):
   scratch    the recommended recipe without ImageNet weights (`defaults.scratch`): cosine lr with
              warm-up, Nesterov, weight decay, EMA weights, label smoothing, batches balanced over centre and class,
              the best epoch chosen from the second half, 8 dihedral views, small rotations, zoom,
-             colour and stain jitter, each image standardised in optical density,
+             colour and stain jitter, blur and noise, each image standardised in optical density,
              at 96 px for 30 epochs; sized to train one fold
              of the public set in under 30 minutes on a 2-core CPU
   baseline, mixup, cutmix, circlemix

@@ -8,7 +8,7 @@ Arguments (the part after ':' in --config, comma-separated):
   scratch    the recommended recipe without ImageNet weights (`defaults.scratch`): cosine lr with
              warm-up, Nesterov, weight decay, EMA weights, label smoothing, batches balanced over centre and class,
              the best epoch chosen from the second half, 8 dihedral views, small rotations,
-             colour and stain jitter, each image standardised in optical density,
+             colour and stain jitter, blur and noise, each image standardised in optical density,
              at 96 px for 30 epochs
   baseline, mixup, cutmix, circlemix
              the mixing method, e.g. configs/c5.py:scratch,circlemix
