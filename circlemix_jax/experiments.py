@@ -401,7 +401,10 @@ def training_summary(b) -> str:
     extra = [w for w, on in (("8 dihedral symmetries", a.transpose),
                              (f"rotation ±{a.rotate_degrees:g}°", a.rotate_degrees),
                              (f"zoom {a.scale[0]:g}-{a.scale[1]:g}", tuple(a.scale) != (1.0, 1.0)),
-                             ("colour and stain jitter", any(a.colour.values()))) if on]
+                             ("colour and stain jitter",
+                              any(v for k, v in a.colour.items() if k not in ("blur", "noise"))),
+                             (f"blur up to {a.colour.get('blur', 0.0):g} of the side", a.colour.get("blur", 0.0)),
+                             (f"noise up to {a.colour.get('noise', 0.0):g}", a.colour.get("noise", 0.0))) if on]
     if extra:
         parts.append("augmentation: " + ", ".join(extra))
     parts.append(f"input normalisation '{b.data.input_norm}'")

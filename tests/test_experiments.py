@@ -254,5 +254,7 @@ def test_report_header_names_the_schedule_that_ran():
     recipe = experiments.training_summary(paper.get_config("scratch").base)
     assert "cosine decay" in recipe and "x0.1" not in recipe and "od_per_image" in recipe
     assert "weight EMA 0.99" in recipe and "8 dihedral symmetries" in recipe
+    assert "blur up to 0.01 of the side" in recipe and "noise up to 0.03" in recipe
     papers = experiments.training_summary(paper.get_config("").base)
     assert "lr x0.1 at 50% of the steps" in papers and "cosine" not in papers and "EMA" not in papers
+    assert "blur" not in papers and "noise" not in papers and "jitter" not in papers
