@@ -217,7 +217,7 @@ def scratch(c: ml_collections.ConfigDict) -> None:
     c.augment.scale = (0.65, 1.15)
     # A blur up to 1% of the side (about 1 px at 96) and noise up to 0.03: a new scanner
     # is sharper or softer and noisier. With SESCAM held out, seeds 0-2 went from 87.2 / 90.0 /
-    # 87.5 to 89.9 / 89.2 / 89.1 (docs/RESULTS.md, "Blur and noise").
+    # 87.5 to 89.9 / 89.2 / 89.1, and seeds 3 and 4 gave 90.4 and 92.1 (docs/RESULTS.md, "Blur and noise").
     c.augment.colour.update({"brightness": 0.2, "contrast": 0.2, "saturation": 0.4, "hue": 0.04,
                              "stain": 0.4, "grayscale": 0.1, "blur": 0.01, "noise": 0.03})
     # Each image's optical density standardised over its own pixels: how strongly a lab
