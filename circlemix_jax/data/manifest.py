@@ -174,6 +174,15 @@ def read_manifest(path: str, class_names, label_map=None) -> Records:
     return Records(np.array(paths), np.array(labels, np.int32), np.array(raw), np.array(subjects), names, path)
 
 
+def _checked_centers(path: str, header: list[str], rows: list[dict[str, str]], needed_for: str) -> None:
+    if CENTER_COLUMN not in header:
+        raise InputError(f"{path}: {needed_for} needs a '{CENTER_COLUMN}' column; "
+                         f"the header is {header}")
+    blank = [f"line {i}" for i, r in enumerate(rows, start=2) if not (r.get(CENTER_COLUMN) or "").strip()]
+    if blank:
+        raise InputError(f"{path}: empty '{CENTER_COLUMN}' at {first_few(blank)}")
+
+
 def center_names(path: str, needed_for: str = "split='leave_one_center_out'") -> list[str]:
     """The sorted distinct values of a manifest's `center` column: fold k of a
     leave-one-centre-out split tests on centre k.
@@ -184,12 +193,7 @@ def center_names(path: str, needed_for: str = "split='leave_one_center_out'") ->
       InputError: no such column, or a row without a centre.
     """
     header, rows = read_csv(path)
-    if CENTER_COLUMN not in header:
-        raise InputError(f"{path}: {needed_for} needs a '{CENTER_COLUMN}' column; "
-                         f"the header is {header}")
-    blank = [f"line {i}" for i, r in enumerate(rows, start=2) if not (r.get(CENTER_COLUMN) or "").strip()]
-    if blank:
-        raise InputError(f"{path}: empty '{CENTER_COLUMN}' at {first_few(blank)}")
+    _checked_centers(path, header, rows, needed_for)
     return sorted({r[CENTER_COLUMN].strip() for r in rows})
 
 
@@ -199,9 +203,9 @@ def path_centers(path: str, needed_for: str = "split='leave_one_center_out'") ->
     Raises:
       InputError: as `center_names`.
     """
-    center_names(path, needed_for)  # the column checks
-    return {resolve_path(path, r["path"]): r[CENTER_COLUMN].strip()
-            for r in read_csv(path)[1] if (r.get("path") or "").strip()}
+    header, rows = read_csv(path)
+    _checked_centers(path, header, rows, needed_for)
+    return {resolve_path(path, r["path"]): r[CENTER_COLUMN].strip() for r in rows if (r.get("path") or "").strip()}
 
 
 def centers(records: Records, needed_for: str = "split='leave_one_center_out'") -> np.ndarray:
