@@ -398,13 +398,14 @@ def training_summary(b) -> str:
     if b.mix.label_smoothing:
         parts.append(f"label smoothing {b.mix.label_smoothing:g}")
     a = b.augment
+    jitter = a.colour.to_dict()
+    blur, noise = jitter.pop("blur", 0.0), jitter.pop("noise", 0.0)
     extra = [w for w, on in (("8 dihedral symmetries", a.transpose),
                              (f"rotation ±{a.rotate_degrees:g}°", a.rotate_degrees),
                              (f"zoom {a.scale[0]:g}-{a.scale[1]:g}", tuple(a.scale) != (1.0, 1.0)),
-                             ("colour and stain jitter",
-                              any(v for k, v in a.colour.items() if k not in ("blur", "noise"))),
-                             (f"blur up to {a.colour.get('blur', 0.0):g} of the side", a.colour.get("blur", 0.0)),
-                             (f"noise up to {a.colour.get('noise', 0.0):g}", a.colour.get("noise", 0.0))) if on]
+                             ("colour and stain jitter", any(jitter.values())),
+                             (f"blur up to {blur:g} of the side", blur),
+                             (f"noise up to {noise:g}", noise)) if on]
     if extra:
         parts.append("augmentation: " + ", ".join(extra))
     parts.append(f"input normalisation '{b.data.input_norm}'")
